@@ -1,0 +1,124 @@
+"""The ``tokencast`` command.
+
+This is the one place that composes the web tier and the workers (for
+``dev``); each subcommand imports only what it runs, so the terminal client
+starts quickly and ``services`` itself never depends on Quart or a model SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from services.config import Settings
+from services.errors import SettingsError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command in ("submit", "watch"):
+        return _client_command(args)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"tokencast: bad setting: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    host = args.host or settings.host
+    port = args.port or settings.port
+    if args.command == "dev":
+        _run(_dev(settings, host, port))
+    elif args.command == "serve":
+        _run(_serve(settings, host, port))
+    elif args.command == "worker":
+        _run(_worker(settings))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokencast", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("dev", "the whole service in one process (embedded broker unless TOKENCAST_REDIS_URL)"),
+        ("serve", "one web node, against Redis"),
+    ):
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--host", help="default: TOKENCAST_HOST or 127.0.0.1")
+        command.add_argument("--port", type=int, help="default: TOKENCAST_PORT or 8000")
+    sub.add_parser("worker", help="one worker process, against Redis")
+    submit = sub.add_parser("submit", help="create a job; with --watch, print its tokens")
+    submit.add_argument("prompt")
+    submit.add_argument("--watch", action="store_true", help="print the tokens as they come")
+    submit.add_argument("--model", help="default: the server's default model")
+    submit.add_argument("--max-tokens", type=int)
+    submit.add_argument("--seed", type=int)
+    watch = sub.add_parser("watch", help="print a job's tokens as they come")
+    watch.add_argument("job_id")
+    for command in (submit, watch):
+        command.add_argument("--url", help=f"default: TOKENCAST_URL or {DEFAULT_URL}")
+    return parser
+
+
+def _run(main_coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main_coro)
+    else:
+        uvloop.run(main_coro)
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    from services.client import Client
+
+    url = args.url or os.environ.get("TOKENCAST_URL") or DEFAULT_URL
+    client = Client(url, api_key=os.environ.get("TOKENCAST_API_KEY") or None)
+    try:
+        if args.command == "watch":
+            return client.watch(args.job_id)
+        body: dict[str, Any] = {"prompt": args.prompt}
+        for field in ("model", "max_tokens", "seed"):
+            if getattr(args, field) is not None:
+                body[field] = getattr(args, field)
+        return client.submit(body, watch=args.watch)
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _dev(settings: Settings, host: str, port: int) -> None:
+    from services.redisconn import EmbeddedBroker, RedisBroker
+    from web.app import create_app
+    from web.server import serve_app
+    from worker.main import build_worker
+
+    broker = RedisBroker(settings.redis_url) if settings.redis_url else EmbeddedBroker()
+    where = settings.redis_url or "the embedded broker"
+    logging.getLogger("tokencast").info("tokencast dev on http://%s:%d (%s)", host, port, where)
+    worker = build_worker(settings, broker)
+    worker_task = asyncio.create_task(worker.run())
+    await serve_app(create_app(settings, broker), host, port, on_shutdown=worker.stop)
+    await worker_task
+
+
+async def _serve(settings: Settings, host: str, port: int) -> None:
+    from services.redisconn import RedisBroker
+    from web.app import create_app
+    from web.server import serve_app
+
+    await serve_app(create_app(settings, RedisBroker(settings.broker_url)), host, port)
+
+
+async def _worker(settings: Settings) -> None:
+    from services.redisconn import RedisBroker
+    from worker.main import run_worker
+
+    await run_worker(settings, RedisBroker(settings.broker_url))

@@ -1,0 +1,53 @@
+"""The exception tree of tokencast.
+
+    TokencastError
+    ├── SettingsError          a TOKENCAST_* variable has a bad value (start-up)
+    ├── BrokerUnavailable      Redis cannot be reached (web: 503)
+    ├── JobNotFound            unknown or expired job id (web: 404)
+    ├── QueueFull              TOKENCAST_MAX_QUEUED_JOBS reached (web: 429)
+    ├── JobFinished            the job already ended, e.g. cancel (web: 409)
+    ├── Fenced                 this writer lost the job's lease; it must stop
+    └── BackendError           a model backend failed; ``code`` goes in ``done``
+
+Redis errors are translated where they are raised (``from exc``), so callers
+above ``services`` never catch a redis-py exception.
+"""
+
+from __future__ import annotations
+
+
+class TokencastError(Exception):
+    """Base of every error tokencast raises on purpose."""
+
+
+class SettingsError(TokencastError):
+    """A setting has a bad value; the message names the variable."""
+
+
+class BrokerUnavailable(TokencastError):
+    """The broker (Redis) could not be reached or answered with an I/O error."""
+
+
+class JobNotFound(TokencastError):
+    """No job with this id exists (never created, or its retention ran out)."""
+
+
+class QueueFull(TokencastError):
+    """Too many jobs are waiting for a worker."""
+
+
+class JobFinished(TokencastError):
+    """The job has already reached its terminal event."""
+
+
+class Fenced(TokencastError):
+    """Another writer took this job over; the stale writer must not append."""
+
+
+class BackendError(TokencastError):
+    """A model backend failed. ``code`` is the failure code of the ``done`` event."""
+
+    def __init__(self, message: str, code: str = "backend_error"):
+        super().__init__(message)
+        self.code = code
+        self.message = message

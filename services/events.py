@@ -1,0 +1,88 @@
+"""The events of a job's log: what they hold and how they travel.
+
+An event is ``(id, name, data)``: ids are 1, 2, 3 … per job, ``name`` is
+``start``, ``token`` or ``done``, and ``data`` is one line of compact JSON.
+On the pub/sub channel an event travels as ``"<id> <name> <data>"``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+START = "start"
+TOKEN = "token"
+DONE = "done"
+
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+TERMINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED})
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON on one line (control characters and newlines are escaped)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class Event:
+    """One event of a job's log.
+
+    ``frames`` caches the encoded frame per output format, so a live event is
+    encoded once per node however many viewers receive it.
+    """
+
+    __slots__ = ("data", "frames", "id", "name")
+
+    def __init__(self, id: int, name: str, data: str):
+        self.id = id
+        self.name = name
+        self.data = data
+        self.frames: dict[str, bytes] = {}
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.name == DONE
+
+    def payload(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.data)
+        return result
+
+    def to_message(self) -> str:
+        return f"{self.id} {self.name} {self.data}"
+
+    @classmethod
+    def from_message(cls, message: str) -> Event:
+        """Parse a pub/sub message; raises ``ValueError`` if it is not one."""
+        event_id, name, data = message.split(" ", 2)
+        return cls(int(event_id), name, data)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Event):
+            return NotImplemented
+        return (self.id, self.name, self.data) == (other.id, other.name, other.data)
+
+    def __repr__(self) -> str:
+        return f"Event({self.id}, {self.name!r}, {self.data!r})"
+
+
+def start_data(job_id: str, model: str, created_at: str) -> str:
+    return dumps({"job_id": job_id, "model": model, "created_at": created_at})
+
+
+def token_data(text: str, first_id: int | None = None) -> str:
+    if first_id is None:
+        return dumps({"text": text})
+    return dumps({"text": text, "first_id": first_id})
+
+
+def done_data(
+    status: str,
+    finish_reason: str | None,
+    tokens: int,
+    error: dict[str, str] | None = None,
+) -> str:
+    body: dict[str, Any] = {"status": status, "finish_reason": finish_reason, "tokens": tokens}
+    if error is not None:
+        body["error"] = error
+    return dumps(body)

@@ -1,0 +1,237 @@
+"""Jobs: what a job asks for, its state, and the operations on it.
+
+A job's state lives in one Redis hash (``Keys.job``); its text in a string
+the writer appends to; its events in the log (``services.eventlog``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from services.errors import JobFinished, JobNotFound, QueueFull
+from services.eventlog import LUA_LOG_LIB
+from services.events import CANCELLED, TERMINAL_STATUSES, done_data
+from services.keys import Keys
+from services.queue import JobQueue
+from services.redisconn import Redis, broker_errors
+from services.viewers import ViewerCounts
+
+QUEUED = "queued"
+RUNNING = "running"
+
+# 128 random bits, URL-safe base64 without padding: 22 characters.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{22}")
+
+
+def new_job_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def is_job_id(value: str) -> bool:
+    return JOB_ID_PATTERN.fullmatch(value) is not None
+
+
+def now_iso() -> str:
+    """UTC time as ``2026-11-24T10:00:00.000Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a job asks for: already validated by the web tier."""
+
+    prompt: str
+    model: str
+    max_tokens: int = 256
+    temperature: float | None = None
+    seed: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    demo: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, raw: str) -> JobSpec:
+        return cls(**json.loads(raw))
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A job as ``GET /v1/jobs/<id>`` shows it."""
+
+    id: str
+    status: str
+    model: str
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    tokens: int
+    last_event_id: int
+    text: str
+    error: dict[str, str] | None
+    finish_reason: str | None
+    viewers: int
+    metadata: dict[str, str]
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+    def to_api(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["last_event_id"] = str(self.last_event_id)
+        return body
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    """What a new stream needs to know before it starts."""
+
+    last_event_id: int
+    finished: bool
+
+
+# KEYS: job, log, text, channel, viewers.  ARGV: canceller, done data, finished_at, expire ms.
+# A queued job is ended here at once (no worker holds it); a running one is
+# flagged, and its worker ends it.
+CANCEL_SCRIPT = (
+    LUA_LOG_LIB
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'gone' end
+if redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then return 'finished' end
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', 'cancelled',
+             'finish_reason', 'cancelled', 'finished_at', ARGV[3])
+  append_event('done', ARGV[2], '')
+  expire_job(tonumber(ARGV[4]))
+  return 'cancelled'
+end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+return 'flagged'
+"""
+)
+
+
+class JobStore:
+    """Creates, reads and cancels jobs."""
+
+    def __init__(self, redis: Redis, keys: Keys, *, retention_s: float, max_queued_jobs: int):
+        self.redis = redis
+        self.keys = keys
+        self.retention_s = retention_s
+        self.max_queued_jobs = max_queued_jobs
+        self.queue = JobQueue(redis, keys)
+        self.viewers = ViewerCounts(redis, keys)
+        self._cancel = redis.register_script(CANCEL_SCRIPT)
+
+    async def create(self, spec: JobSpec) -> JobState:
+        """Store a new job and queue it. Raises ``QueueFull`` past the queue limit."""
+        job_id = new_job_id()
+        created_at = now_iso()
+        fields = {
+            "status": QUEUED,
+            "model": spec.model,
+            "created_at": created_at,
+            "spec": spec.to_json(),
+            "last_event_id": 0,
+            "tokens": 0,
+            "attempts": 0,
+        }
+        with broker_errors():
+            await self.redis.hset(self.keys.job(job_id), mapping=fields)
+            if not await self.queue.enqueue(job_id, limit=self.max_queued_jobs):
+                await self.redis.delete(self.keys.job(job_id))
+                raise QueueFull(
+                    f"{self.max_queued_jobs} jobs are already waiting for a worker"
+                    " (TOKENCAST_MAX_QUEUED_JOBS)"
+                )
+        return JobState(
+            id=job_id,
+            status=QUEUED,
+            model=spec.model,
+            created_at=created_at,
+            started_at=None,
+            finished_at=None,
+            tokens=0,
+            last_event_id=0,
+            text="",
+            error=None,
+            finish_reason=None,
+            viewers=0,
+            metadata=spec.metadata,
+        )
+
+    async def get(self, job_id: str) -> JobState:
+        """The job's state; raises ``JobNotFound`` for an unknown or expired job."""
+        with broker_errors():
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(self.keys.job(job_id))
+                pipe.get(self.keys.text(job_id))
+                raw, text = await pipe.execute()
+            if not raw:
+                raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
+            viewers = await self.viewers.total(job_id)
+        error = None
+        if raw.get("error_code"):
+            error = {"code": raw["error_code"], "message": raw.get("error_message", "")}
+        return JobState(
+            id=job_id,
+            status=raw["status"],
+            model=raw["model"],
+            created_at=raw["created_at"],
+            started_at=raw.get("started_at"),
+            finished_at=raw.get("finished_at"),
+            tokens=int(raw.get("tokens", 0)),
+            last_event_id=int(raw.get("last_event_id", 0)),
+            text=text or "",
+            error=error,
+            finish_reason=raw.get("finish_reason"),
+            viewers=viewers,
+            metadata=JobSpec.from_json(raw["spec"]).metadata,
+        )
+
+    async def exists(self, job_id: str) -> bool:
+        with broker_errors():
+            return bool(await self.redis.exists(self.keys.job(job_id)))
+
+    async def position(self, job_id: str) -> StreamPosition:
+        """Where the job's log ends; raises ``JobNotFound``."""
+        with broker_errors():
+            last, finished_at = await self.redis.hmget(
+                self.keys.job(job_id), ["last_event_id", "finished_at"]
+            )
+        if last is None:
+            raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
+        return StreamPosition(int(last), finished_at is not None)
+
+    async def cancel(self, job_id: str) -> JobState:
+        """Cancel a job. A queued one ends at once; a running one within 250 ms.
+
+        Raises ``JobNotFound`` or ``JobFinished``.
+        """
+        args = [
+            f"cancel:{new_job_id()}",
+            done_data(CANCELLED, CANCELLED, 0),
+            now_iso(),
+            int(self.retention_s * 1000),
+        ]
+        with broker_errors():
+            outcome = await self._cancel(keys=self.keys.job_keys(job_id), args=args)
+            if outcome == "cancelled":
+                await self.queue.forget_waiting(job_id)
+        if outcome == "gone":
+            raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
+        if outcome == "finished":
+            raise JobFinished(f"job {job_id} has already finished")
+        return await self.get(job_id)
+
+
+def is_terminal(status: str) -> bool:
+    return status in TERMINAL_STATUSES

@@ -1,0 +1,68 @@
+"""Every Redis key and channel name tokencast uses, and nowhere else.
+
+Keys of one job share the hash tag ``{<job id>}`` so that on Redis Cluster the
+log, the state and the channel live on one shard and one Lua script may touch
+them all. The queue's keys share the tag ``{queue}`` for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix (tests give each run its own prefix)."""
+
+    prefix: str = "tokencast"
+
+    # One job.
+    def job(self, job_id: str) -> str:
+        """Hash: the job's state (status, owner, counters, timestamps)."""
+        return f"{self.prefix}:{{{job_id}}}:job"
+
+    def log(self, job_id: str) -> str:
+        """Stream: the event log, entry ids ``<event id>-0``."""
+        return f"{self.prefix}:{{{job_id}}}:log"
+
+    def text(self, job_id: str) -> str:
+        """String: the text generated so far (APPENDed with each token)."""
+        return f"{self.prefix}:{{{job_id}}}:text"
+
+    def viewers(self, job_id: str) -> str:
+        """Hash: node id → ``<open streams> <expiry ms>``."""
+        return f"{self.prefix}:{{{job_id}}}:viewers"
+
+    def channel(self, job_id: str) -> str:
+        """Pub/sub channel: every appended event, as ``<id> <name> <data>``."""
+        return f"{self.prefix}:{{{job_id}}}:events"
+
+    def job_keys(self, job_id: str) -> list[str]:
+        """The keys a writer script touches, in the order the scripts expect."""
+        return [
+            self.job(job_id),
+            self.log(job_id),
+            self.text(job_id),
+            self.channel(job_id),
+            self.viewers(job_id),
+        ]
+
+    def channel_prefix(self) -> str:
+        """What every job channel starts with; the hub strips it to get the id."""
+        return f"{self.prefix}:{{"
+
+    # The queue.
+    def queue(self) -> str:
+        """Stream with the consumer group ``QUEUE_GROUP``: one entry per job to run."""
+        return f"{self.prefix}:{{queue}}:stream"
+
+    def waiting(self) -> str:
+        """Sorted set of queued job ids (score: enqueue time); its size is the queue depth."""
+        return f"{self.prefix}:{{queue}}:waiting"
+
+    def leases(self) -> str:
+        """Sorted set of running job ids (score: lease expiry, ms); an index for the reaper."""
+        return f"{self.prefix}:{{queue}}:leases"
+
+
+QUEUE_GROUP = "workers"

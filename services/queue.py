@@ -1,0 +1,282 @@
+"""The job queue and the leases of running jobs.
+
+Queued jobs are entries of one Redis Stream read by the consumer group
+``workers``; the ``waiting`` sorted set holds the ids not yet started (its
+size is the queue depth that ``TOKENCAST_MAX_QUEUED_JOBS`` bounds).
+
+A worker that starts a job becomes its owner and holds a lease: an expiry
+time in the job's hash, renewed while it works. The ``leases`` sorted set
+indexes those expiries so a reaper finds expired ones without scanning; the
+hash is the truth, checked atomically when a reaper takes a job over.
+Times come from the Redis server's clock, so workers' clocks may disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.exceptions import ResponseError
+
+from services.keys import QUEUE_GROUP, Keys
+from services.redisconn import Redis, broker_errors
+
+# A lease runs for this share of TOKENCAST_LEASE_SECONDS and is renewed every
+# RENEW_FRACTION of it; with reapers scanning twice a second, a dead worker's
+# job is noticed well within TOKENCAST_LEASE_SECONDS.
+LEASE_TTL_FRACTION = 0.7
+RENEW_FRACTION = 0.2
+
+LUA_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: waiting, stream.  ARGV: job id, limit (0: none).  Returns 1, or 0 when full.
+ENQUEUE_SCRIPT = (
+    LUA_NOW_MS
+    + """
+local limit = tonumber(ARGV[2])
+if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'job', ARGV[1])
+return 1
+"""
+)
+
+# KEYS: job.  ARGV: owner, lease ms, queue entry id, started_at.
+# Returns {'ok', lease expiry, last event id, tokens, attempts} or {status}.
+START_SCRIPT = (
+    LUA_NOW_MS
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if status ~= 'queued' then return {status} end
+local expiry = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1],
+           'lease_expires', expiry, 'queue_entry', ARGV[3])
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[4])
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+return {'ok', expiry, tonumber(redis.call('HGET', KEYS[1], 'last_event_id')),
+        tonumber(redis.call('HGET', KEYS[1], 'tokens')), attempts}
+"""
+)
+
+# KEYS: job.  ARGV: owner, lease ms.  Returns {lease expiry or -1 when lost, cancel flag}.
+RENEW_SCRIPT = (
+    LUA_NOW_MS
+    + """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1]
+   or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
+  return {-1, ''}
+end
+local expiry = now + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'lease_expires', expiry)
+return {expiry, redis.call('HGET', KEYS[1], 'cancel') or ''}
+"""
+)
+
+# KEYS: job.  ARGV: new owner, lease ms.
+# Returns {'taken', tokens, attempts, cancel flag, queue entry}, {'alive', expiry} or {'done'}.
+TAKEOVER_SCRIPT = (
+    LUA_NOW_MS
+    + """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running'
+   or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
+  return {'done'}
+end
+local expiry = tonumber(redis.call('HGET', KEYS[1], 'lease_expires') or '0')
+if expiry > now then return {'alive', expiry} end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_expires', now + tonumber(ARGV[2]))
+return {'taken', tonumber(redis.call('HGET', KEYS[1], 'tokens')),
+        tonumber(redis.call('HGET', KEYS[1], 'attempts')),
+        redis.call('HGET', KEYS[1], 'cancel') or '',
+        redis.call('HGET', KEYS[1], 'queue_entry') or ''}
+"""
+)
+
+# KEYS: job.  ARGV: owner.  Puts a taken-over job back in the queued state.
+REQUEUE_SCRIPT = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HDEL', KEYS[1], 'owner', 'lease_expires', 'queue_entry')
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A queue entry a worker read: it must be acked once the job is settled."""
+
+    entry_id: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class Started:
+    """A job this worker now owns."""
+
+    lease_expires_ms: int
+    last_event_id: int
+    tokens: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class TakenOver:
+    """An expired job a reaper now owns."""
+
+    tokens: int
+    attempts: int
+    cancel_requested: bool
+    entry_id: str
+
+
+def lease_ttl_ms(lease_s: float) -> int:
+    return int(lease_s * 1000 * LEASE_TTL_FRACTION)
+
+
+class JobQueue:
+    """The queue stream, its consumer group, and the lease index."""
+
+    def __init__(self, redis: Redis, keys: Keys):
+        self.redis = redis
+        self.keys = keys
+        self._enqueue = redis.register_script(ENQUEUE_SCRIPT)
+        self._start = redis.register_script(START_SCRIPT)
+        self._renew = redis.register_script(RENEW_SCRIPT)
+        self._takeover = redis.register_script(TAKEOVER_SCRIPT)
+        self._requeue = redis.register_script(REQUEUE_SCRIPT)
+
+    async def ensure_group(self) -> None:
+        with broker_errors():
+            try:
+                await self.redis.xgroup_create(
+                    self.keys.queue(), QUEUE_GROUP, id="0", mkstream=True
+                )
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def enqueue(self, job_id: str, *, limit: int = 0) -> bool:
+        """Queue a job; ``False`` when ``limit`` jobs are already waiting."""
+        with broker_errors():
+            added = await self._enqueue(
+                keys=[self.keys.waiting(), self.keys.queue()], args=[job_id, limit]
+            )
+        return bool(added)
+
+    async def depth(self) -> int:
+        with broker_errors():
+            return int(await self.redis.zcard(self.keys.waiting()))
+
+    async def claim(self, consumer: str, count: int, block_ms: int | None) -> list[Claim]:
+        """Read up to ``count`` new entries for ``consumer``, waiting ``block_ms`` at most."""
+        with broker_errors():
+            try:
+                reply = await self.redis.xreadgroup(
+                    QUEUE_GROUP, consumer, {self.keys.queue(): ">"}, count=count, block=block_ms
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self.ensure_group()  # the broker lost its data (restart)
+                return []
+        return [
+            Claim(entry_id, fields["job"])
+            for _stream, entries in reply
+            for entry_id, fields in entries
+        ]
+
+    async def reclaim_stale(self, consumer: str, min_idle_ms: int, count: int = 50) -> list[Claim]:
+        """Entries read long ago and never acked.
+
+        Mostly these belong to running jobs (``start`` leaves those alone), but
+        a worker that died between reading an entry and starting its job
+        leaves the job queued with its entry stuck: this hands it on.
+        """
+        with broker_errors():
+            try:
+                reply = await self.redis.xautoclaim(
+                    self.keys.queue(), QUEUE_GROUP, consumer, min_idle_ms, count=count
+                )
+            except ResponseError:
+                return []
+        return [Claim(entry_id, fields["job"]) for entry_id, fields in reply[1] if fields]
+
+    async def start(
+        self, claim: Claim, owner: str, lease_s: float, started_at: str
+    ) -> Started | str:
+        """Take ownership of a claimed job; returns its status instead when it is not queued."""
+        with broker_errors():
+            reply = await self._start(
+                keys=[self.keys.job(claim.job_id)],
+                args=[owner, lease_ttl_ms(lease_s), claim.entry_id, started_at],
+            )
+            if reply[0] != "ok":
+                return str(reply[0])
+            await self.redis.zrem(self.keys.waiting(), claim.job_id)
+            await self.redis.zadd(self.keys.leases(), {claim.job_id: reply[1]})
+        return Started(int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
+
+    async def renew(self, job_id: str, owner: str, lease_s: float) -> tuple[bool, bool]:
+        """Extend the lease: ``(still the owner, cancel requested)``."""
+        with broker_errors():
+            expiry, cancel = await self._renew(
+                keys=[self.keys.job(job_id)], args=[owner, lease_ttl_ms(lease_s)]
+            )
+            if int(expiry) < 0:
+                return False, False
+            await self.redis.zadd(self.keys.leases(), {job_id: expiry})
+        return True, cancel == "1"
+
+    async def cancel_requested(self, job_id: str, owner: str) -> tuple[bool, bool]:
+        """A cheap read: ``(still the owner, cancel requested)``."""
+        with broker_errors():
+            current, cancel, finished_at = await self.redis.hmget(
+                self.keys.job(job_id), ["owner", "cancel", "finished_at"]
+            )
+        return current == owner and finished_at is None, cancel == "1"
+
+    async def settle(self, job_id: str, entry_id: str | None) -> None:
+        """Forget a job that ended or moved on: its lease and its queue entry."""
+        with broker_errors():
+            await self.redis.zrem(self.keys.leases(), job_id)
+            if entry_id:
+                await self.redis.xack(self.keys.queue(), QUEUE_GROUP, entry_id)
+                await self.redis.xdel(self.keys.queue(), entry_id)
+
+    async def forget_waiting(self, job_id: str) -> None:
+        with broker_errors():
+            await self.redis.zrem(self.keys.waiting(), job_id)
+
+    async def expired(self, limit: int = 100) -> list[str]:
+        """Ids of running jobs whose lease (by the index) has run out."""
+        with broker_errors():
+            seconds, micros = await self.redis.time()
+            now_ms = seconds * 1000 + micros // 1000
+            ids = await self.redis.zrangebyscore(
+                self.keys.leases(), "-inf", now_ms, start=0, num=limit
+            )
+        return list(ids)
+
+    async def takeover(self, job_id: str, owner: str, lease_s: float) -> TakenOver | None:
+        """Own an expired job; ``None`` when it is alive after all, or has ended."""
+        with broker_errors():
+            reply = await self._takeover(
+                keys=[self.keys.job(job_id)], args=[owner, lease_ttl_ms(lease_s)]
+            )
+            if reply[0] == "alive":
+                await self.redis.zadd(self.keys.leases(), {job_id: reply[1]})
+                return None
+            if reply[0] == "done":
+                await self.redis.zrem(self.keys.leases(), job_id)
+                return None
+        return TakenOver(int(reply[1]), int(reply[2]), reply[3] == "1", str(reply[4]))
+
+    async def requeue(self, job_id: str, owner: str) -> bool:
+        """Hand a job this owner holds back to the queue (it keeps its log)."""
+        with broker_errors():
+            if not await self._requeue(keys=[self.keys.job(job_id)], args=[owner]):
+                return False
+            await self.redis.zrem(self.keys.leases(), job_id)
+        return await self.enqueue(job_id)

@@ -1,0 +1,79 @@
+"""The reaper: ends or retries jobs whose worker stopped renewing its lease.
+
+Web nodes and workers both run one, so a job ends even when every worker is
+gone. Taking a job over is atomic (``JobQueue.takeover``), so many reapers
+never act on one job twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.errors import BrokerUnavailable, Fenced, JobFinished
+from services.eventlog import JobWriter
+from services.events import CANCELLED, FAILED
+from services.jobs import now_iso
+from services.keys import Keys
+from services.queue import JobQueue
+from services.redisconn import Redis
+
+log = logging.getLogger(__name__)
+
+SCAN_INTERVAL_S = 0.5
+MAX_ATTEMPTS = 2  # a job that sent no token yet is retried once
+
+WORKER_LOST = {
+    "code": "worker_lost",
+    "message": "the worker generating this job stopped responding after it had sent tokens",
+}
+
+
+class Reaper:
+    def __init__(self, redis: Redis, keys: Keys, *, owner: str, lease_s: float, retention_s: float):
+        self.redis = redis
+        self.keys = keys
+        self.owner = owner
+        self.lease_s = lease_s
+        self.retention_s = retention_s
+        self.queue = JobQueue(redis, keys)
+
+    async def run(self) -> None:
+        """Scan forever; broker outages are waited out."""
+        while True:
+            try:
+                await self.reap_once()
+            except BrokerUnavailable:
+                pass
+            except Exception:
+                log.exception("reaper pass failed")
+            await asyncio.sleep(SCAN_INTERVAL_S)
+
+    async def reap_once(self) -> int:
+        """Handle every job whose lease has expired; returns how many were taken over."""
+        handled = 0
+        for job_id in await self.queue.expired():
+            taken = await self.queue.takeover(job_id, self.owner, self.lease_s)
+            if taken is None:
+                continue
+            handled += 1
+            if not taken.cancel_requested and taken.tokens == 0 and taken.attempts < MAX_ATTEMPTS:
+                log.warning("job %s: worker lost before any token, retrying", job_id)
+                await self.queue.requeue(job_id, self.owner)
+            else:
+                await self._end(job_id, taken.tokens, taken.cancel_requested)
+            await self.queue.settle(job_id, taken.entry_id)
+        return handled
+
+    async def _end(self, job_id: str, tokens: int, cancelled: bool) -> None:
+        writer = JobWriter(
+            self.redis, self.keys, job_id, self.owner, retention_s=self.retention_s, tokens=tokens
+        )
+        try:
+            if cancelled:
+                await writer.finish(CANCELLED, CANCELLED, finished_at=now_iso())
+            else:
+                log.warning("job %s: worker lost after %d tokens, failing it", job_id, tokens)
+                await writer.finish(FAILED, None, WORKER_LOST, finished_at=now_iso())
+        except (Fenced, JobFinished):
+            pass  # someone else settled it meanwhile

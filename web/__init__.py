@@ -1,0 +1,1 @@
+"""The web tier: the HTTP API, the event streams and the pages."""

@@ -1,0 +1,109 @@
+"""The jobs API: create, read, cancel, and the model list."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from quart import Blueprint, Response, jsonify, request
+from werkzeug.exceptions import UnsupportedMediaType
+
+from services.errors import JobNotFound
+from services.jobs import JobSpec, JobState, is_job_id
+from web.context import ctx
+from web.errors import error_response
+from web.models import InvalidField, JobRequest, parse_json_body, validate
+
+bp = Blueprint("api", __name__)
+
+STARTED_AT = int(time.time())
+
+
+async def read_json() -> dict[str, Any]:
+    """The request's JSON object: ``415`` unless it is JSON, ``413`` past 1 MiB."""
+    if request.mimetype != "application/json":
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    raw = await request.get_data(cache=False, as_text=False)
+    return parse_json_body(raw)
+
+
+def job_id_or_404(job_id: str) -> str:
+    if not is_job_id(job_id):
+        raise JobNotFound("no job with that id (job ids are 22 URL-safe characters)")
+    return job_id
+
+
+def model_or_404(requested: str | None) -> str | Response:
+    settings = ctx().settings
+    model = requested or settings.default_model
+    if model not in settings.models:
+        listed = ", ".join(settings.models)
+        return error_response(
+            404,
+            "model_not_found",
+            f"model {model!r} does not exist; GET /v1/models lists: {listed}",
+            param="model",
+        )
+    return model
+
+
+def spec_from(req: JobRequest, model: str) -> JobSpec:
+    if req.demo is not None and model != "demo":
+        raise InvalidField("demo", "demo options apply to the demo model only")
+    return JobSpec(
+        prompt=req.prompt,
+        model=model,
+        max_tokens=req.max_tokens,
+        temperature=req.temperature,
+        seed=req.seed,
+        metadata=dict(req.metadata),
+        demo=req.demo.model_dump(exclude_none=True) if req.demo else {},
+    )
+
+
+def created_body(state: JobState) -> dict[str, Any]:
+    return {
+        "id": state.id,
+        "status": state.status,
+        "model": state.model,
+        "created_at": state.created_at,
+        "events_url": f"/v1/jobs/{state.id}/events",
+        "watch_url": f"/watch/{state.id}",
+        "viewer_token": None,
+    }
+
+
+@bp.post("/v1/jobs")
+async def create_job() -> Response:
+    req = validate(JobRequest, await read_json())
+    model = model_or_404(req.model)
+    if isinstance(model, Response):
+        return model
+    state = await ctx().store.create(spec_from(req, model))
+    response = jsonify(created_body(state))
+    response.status_code = 201
+    response.headers["Location"] = f"/v1/jobs/{state.id}"
+    return response
+
+
+@bp.get("/v1/jobs/<job_id>")
+async def get_job(job_id: str) -> Response:
+    state = await ctx().store.get(job_id_or_404(job_id))
+    return jsonify(state.to_api())
+
+
+@bp.delete("/v1/jobs/<job_id>")
+async def cancel_job(job_id: str) -> Response:
+    state = await ctx().store.cancel(job_id_or_404(job_id))
+    response = jsonify(state.to_api())
+    response.status_code = 202
+    return response
+
+
+@bp.get("/v1/models")
+async def list_models() -> Response:
+    data = [
+        {"id": name, "object": "model", "created": STARTED_AT, "owned_by": "tokencast"}
+        for name in ctx().settings.models
+    ]
+    return jsonify({"object": "list", "data": data})

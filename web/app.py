@@ -1,0 +1,34 @@
+"""The Quart application."""
+
+from __future__ import annotations
+
+from quart import Quart
+
+from services.config import Settings
+from services.redisconn import Broker
+from web import api, errors, health, stream
+from web.context import Context
+from web.models import MAX_BODY_BYTES
+
+
+def create_app(settings: Settings, broker: Broker) -> Quart:
+    """The web tier of one process, serving from ``broker``."""
+    app = Quart(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    context = Context.build(settings, broker)
+    app.extensions["tokencast"] = context
+
+    @app.before_serving
+    async def start() -> None:
+        await context.start()
+
+    @app.after_serving
+    async def stop() -> None:
+        await context.stop()
+
+    for blueprint in (api.bp, stream.bp, health.bp):
+        app.register_blueprint(blueprint)
+    errors.install(app)
+    return app

@@ -1,0 +1,70 @@
+"""The per-process objects every route uses, built when the server starts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+
+from quart import current_app
+
+from services.config import Settings
+from services.eventlog import EventLog
+from services.hub import Hub
+from services.jobs import JobStore
+from services.keys import Keys
+from services.reaper import Reaper
+from services.redisconn import Broker, Redis
+
+
+@dataclass
+class Context:
+    settings: Settings
+    redis: Redis
+    keys: Keys
+    store: JobStore
+    log: EventLog
+    hub: Hub
+    reaper: Reaper
+    draining: bool = False
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, settings: Settings, broker: Broker) -> Context:
+        redis = broker.client()
+        keys = Keys(settings.key_prefix)
+        hub = Hub(
+            lambda: broker.client(decode=False),
+            redis,
+            keys,
+            node_id=settings.node_id,
+            viewer_buffer=settings.viewer_buffer,
+        )
+        store = JobStore(
+            redis, keys, retention_s=settings.retention_s, max_queued_jobs=settings.max_queued_jobs
+        )
+        reaper = Reaper(
+            redis,
+            keys,
+            owner=f"reaper-web-{settings.node_id}",
+            lease_s=settings.lease_s,
+            retention_s=settings.retention_s,
+        )
+        return cls(settings, redis, keys, store, EventLog(redis, keys), hub, reaper)
+
+    async def start(self) -> None:
+        await self.hub.start()
+        self.tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.hub.stop()
+        await self.redis.aclose()
+
+
+def ctx() -> Context:
+    context: Context = current_app.extensions["tokencast"]
+    return context

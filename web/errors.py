@@ -1,0 +1,96 @@
+"""Every error leaves as JSON: ``{"error": {"code": …, "message": …}}``."""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Quart, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from services.errors import BrokerUnavailable, JobFinished, JobNotFound, QueueFull
+from services.resume import InvalidLastEventId
+from web.models import MAX_BODY_BYTES, InvalidField
+
+log = logging.getLogger(__name__)
+
+BROKER_RETRY_AFTER_S = 2
+QUEUE_RETRY_AFTER_S = 5
+
+HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    431: "headers_too_large",
+}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict = {"code": code, "message": message}
+    if param is not None:
+        body["param"] = param
+    response = jsonify({"error": body})
+    response.status_code = status
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def install(app: Quart) -> None:
+    """Register the handlers that turn every failure into a JSON error."""
+
+    @app.errorhandler(InvalidField)
+    async def invalid_field(exc: InvalidField) -> Response:
+        return error_response(400, "invalid_request", exc.message, param=exc.field)
+
+    @app.errorhandler(InvalidLastEventId)
+    async def invalid_last_event_id(exc: InvalidLastEventId) -> Response:
+        return error_response(400, "invalid_last_event_id", str(exc), param="Last-Event-ID")
+
+    @app.errorhandler(JobNotFound)
+    async def job_not_found(exc: JobNotFound) -> Response:
+        return error_response(404, "job_not_found", str(exc))
+
+    @app.errorhandler(JobFinished)
+    async def job_finished(exc: JobFinished) -> Response:
+        return error_response(409, "job_finished", str(exc))
+
+    @app.errorhandler(QueueFull)
+    async def queue_full(exc: QueueFull) -> Response:
+        headers = {"Retry-After": str(QUEUE_RETRY_AFTER_S)}
+        return error_response(429, "queue_full", str(exc), headers=headers)
+
+    @app.errorhandler(BrokerUnavailable)
+    async def broker_unavailable(exc: BrokerUnavailable) -> Response:
+        log.warning("broker unavailable: %s", exc)
+        headers = {"Retry-After": str(BROKER_RETRY_AFTER_S)}
+        message = "the broker is unreachable; retry shortly"
+        return error_response(503, "broker_unavailable", message, headers=headers)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        message = exc.description or exc.name
+        if status == 413:
+            message = f"the request body is larger than {MAX_BODY_BYTES} bytes (1 MiB)"
+        elif status == 404:
+            message = "no such resource"
+        headers = {
+            name: value
+            for name, value in exc.get_headers()
+            if name.lower() not in ("content-type", "content-length")
+        }
+        code = HTTP_CODES.get(status, "http_error")
+        return error_response(status, code, message, headers=headers)
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "an internal error occurred")

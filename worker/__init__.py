@@ -1,0 +1,1 @@
+"""Workers: claim jobs from the queue and write their event logs."""

@@ -1,0 +1,39 @@
+"""Building and running a worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+from services.config import Settings
+from services.redisconn import Broker
+from worker.backends.base import Backend
+from worker.backends.demo import DemoBackend
+from worker.runner import Worker
+
+
+def backends_for(settings: Settings) -> dict[str, Backend]:
+    """Model name → the backend that serves it."""
+    demo = DemoBackend()
+    return {name: demo for name in demo.models()}
+
+
+def build_worker(settings: Settings, broker: Broker) -> Worker:
+    return Worker(
+        broker.client(),
+        settings,
+        backends_for(settings),
+        blocking_reads=broker.blocking_reads,
+    )
+
+
+async def run_worker(settings: Settings, broker: Broker) -> None:
+    """Run until SIGTERM/SIGINT: stop claiming, finish held jobs within the drain time, exit."""
+    worker = build_worker(settings, broker)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await worker.redis.aclose()

@@ -1,0 +1,194 @@
+"""The worker loop: claim jobs, run them under a lease, end each with ``done``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+
+from services.config import Settings
+from services.errors import BackendError, BrokerUnavailable, Fenced, JobFinished
+from services.eventlog import JobWriter
+from services.events import CANCELLED, COMPLETED, FAILED, TERMINAL_STATUSES
+from services.jobs import JobSpec, now_iso
+from services.keys import Keys
+from services.queue import RENEW_FRACTION, Claim, JobQueue, Started
+from services.reaper import Reaper
+from services.redisconn import Redis, broker_errors
+from worker.backends.base import Backend
+from worker.generate import pump
+
+log = logging.getLogger(__name__)
+
+CANCEL_POLL_S = 0.1  # cancel is honoured within this plus one append
+CLAIM_BLOCK_MS = 1000
+POLL_S = 0.05  # between queue reads on a broker that cannot block (embedded)
+
+
+class _CancelledByUser(Exception):
+    pass
+
+
+class Worker:
+    """Runs up to ``settings.worker_concurrency`` jobs at once."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        settings: Settings,
+        backends: dict[str, Backend],
+        *,
+        blocking_reads: bool = True,
+    ):
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.backends = backends
+        self.blocking_reads = blocking_reads
+        self.consumer = f"worker-{settings.node_id}"
+        self.queue = JobQueue(redis, self.keys)
+        self.reaper = Reaper(
+            redis,
+            self.keys,
+            owner=f"reaper-{settings.node_id}",
+            lease_s=settings.lease_s,
+            retention_s=settings.retention_s,
+        )
+        self.running: set[asyncio.Task] = set()
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        """Claim and run jobs until ``stop()``; then drain for ``drain_s``."""
+        reaper = asyncio.create_task(self.reaper.run(), name="reaper")
+        try:
+            await self._claim_loop()
+        finally:
+            reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reaper
+            await self._drain()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def _claim_loop(self) -> None:
+        next_reclaim = time.monotonic() + self.settings.lease_s
+        while not self.stopping.is_set():
+            free = self.settings.worker_concurrency - len(self.running)
+            if free <= 0:
+                await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                await self.queue.ensure_group()
+                claims = await self.queue.claim(
+                    self.consumer, free, CLAIM_BLOCK_MS if self.blocking_reads else None
+                )
+                if time.monotonic() >= next_reclaim:
+                    claims += await self.queue.reclaim_stale(
+                        self.consumer, int(self.settings.lease_s * 1000)
+                    )
+                    next_reclaim = time.monotonic() + self.settings.lease_s
+            except BrokerUnavailable as exc:
+                log.warning("queue unreachable: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for claim in claims:
+                task = asyncio.create_task(self.run_job(claim), name=f"job-{claim.job_id}")
+                self.running.add(task)
+                task.add_done_callback(self.running.discard)
+            if not claims and not self.blocking_reads:
+                await asyncio.sleep(POLL_S)
+
+    async def _drain(self) -> None:
+        if not self.running:
+            return
+        _done, pending = await asyncio.wait(self.running, timeout=self.settings.drain_s)
+        for task in pending:
+            task.cancel()  # their leases expire; a reaper ends or retries them
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def run_job(self, claim: Claim) -> None:
+        """Run one claimed job to its terminal event, unless another owner takes it."""
+        owner = f"{self.consumer}/{secrets.token_hex(4)}"
+        try:
+            started = await self.queue.start(claim, owner, self.settings.lease_s, now_iso())
+            if isinstance(started, str):
+                # Cancelled while queued, gone, or running elsewhere.
+                if started in TERMINAL_STATUSES or started == "gone":
+                    await self.queue.settle(claim.job_id, claim.entry_id)
+                return
+            await self._run_owned(claim, owner, started)
+        except (Fenced, JobFinished):
+            log.info("job %s: taken over by another owner; stopping", claim.job_id)
+        except BrokerUnavailable as exc:
+            log.warning("job %s: broker unreachable (%s); its lease will expire", claim.job_id, exc)
+        except Exception:
+            log.exception("job %s: worker error", claim.job_id)
+
+    async def _run_owned(self, claim: Claim, owner: str, started: Started) -> None:
+        job_id = claim.job_id
+        with broker_errors():
+            raw_spec, created_at = await self.redis.hmget(
+                self.keys.job(job_id), ["spec", "created_at"]
+            )
+        spec = JobSpec.from_json(raw_spec)
+        writer = JobWriter(
+            self.redis,
+            self.keys,
+            job_id,
+            owner,
+            retention_s=self.settings.retention_s,
+            tokens=started.tokens,
+        )
+        if started.last_event_id == 0:  # a retried job keeps its one start event
+            await writer.start(spec.model, created_at)
+        backend = self.backends.get(spec.model)
+        generation = backend.generate(spec) if backend else None
+        try:
+            if generation is None:
+                raise BackendError(f"no backend serves model {spec.model!r}")
+            gen_task = asyncio.create_task(pump(generation, writer))
+            await self._supervise(gen_task, job_id, owner)
+            await writer.finish(COMPLETED, generation.finish_reason, finished_at=now_iso())
+        except _CancelledByUser:
+            await writer.finish(CANCELLED, CANCELLED, finished_at=now_iso())
+        except BackendError as exc:
+            error = {"code": exc.code, "message": exc.message}
+            await writer.finish(FAILED, None, error, finished_at=now_iso())
+        except (Fenced, JobFinished, BrokerUnavailable, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("job %s: backend crashed", job_id)
+            error = {"code": "backend_error", "message": f"the model backend crashed: {exc}"}
+            await writer.finish(FAILED, None, error, finished_at=now_iso())
+        await self.queue.settle(job_id, claim.entry_id)
+
+    async def _supervise(self, gen_task: asyncio.Task, job_id: str, owner: str) -> None:
+        """Wait for the generation while renewing the lease and watching for cancel."""
+        renew_every = self.settings.lease_s * RENEW_FRACTION
+        next_renew = time.monotonic() + renew_every
+        try:
+            while True:
+                done, _ = await asyncio.wait({gen_task}, timeout=CANCEL_POLL_S)
+                if done:
+                    gen_task.result()  # raises the backend's error, if any
+                    return
+                try:
+                    if time.monotonic() >= next_renew:
+                        owned, cancel = await self.queue.renew(job_id, owner, self.settings.lease_s)
+                        next_renew = time.monotonic() + renew_every
+                    else:
+                        owned, cancel = await self.queue.cancel_requested(job_id, owner)
+                except BrokerUnavailable:
+                    continue  # keep generating; the lease decides if this lasts
+                if not owned:
+                    raise Fenced(f"job {job_id}: lease lost")
+                if cancel:
+                    raise _CancelledByUser()
+        finally:
+            if not gen_task.done():
+                gen_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await gen_task
