@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    host = args.host or settings.host
-    port = args.port or settings.port
+    host = getattr(args, "host", None) or settings.host
+    port = getattr(args, "port", None) or settings.port
     if args.command == "dev":
         _run(_dev(settings, host, port))
     elif args.command == "serve":
@@ -122,3 +122,7 @@ async def _worker(settings: Settings) -> None:
     from worker.main import run_worker
 
     await run_worker(settings, RedisBroker(settings.broker_url))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

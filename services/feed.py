@@ -57,7 +57,20 @@ class Feed:
         self.stopping = stopping
         self.catch_ups = 0
 
-    async def events(self, viewer: Viewer, after: int) -> AsyncIterator[list[Event] | None]:
+    async def watch(self, job_id: str, after: int) -> AsyncIterator[list[Event] | None]:
+        """The viewer's batches: registered with the hub first, then history, then live."""
+        try:
+            viewer = await self.hub.attach(job_id)
+        except BrokerUnavailable:
+            return  # the stream ends; the client reconnects and resumes
+        try:
+            async for batch in self._events(viewer, after):
+                yield batch
+        finally:
+            self.hub.detach(viewer)
+
+    async def _events(self, viewer: Viewer, after: int) -> AsyncIterator[list[Event] | None]:
+        # ``viewer.lagging`` starts true: the first step reads the log.
         sent = after
         quiet_since = time.monotonic()
         outage_since: float | None = None

@@ -82,6 +82,9 @@ def install(app: Quart) -> None:
             message = f"the request body is larger than {MAX_BODY_BYTES} bytes (1 MiB)"
         elif status == 404:
             message = "no such resource"
+        elif status == 405:
+            allowed = getattr(exc, "valid_methods", None) or []
+            message = f"this method is not allowed here; use {', '.join(sorted(allowed))}"
         headers = {
             name: value
             for name, value in exc.get_headers()

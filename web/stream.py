@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 from quart import Blueprint, Response, make_response, request
 
-from services.errors import BrokerUnavailable
 from services.feed import Feed
 from services.resume import parse_last_event_id
 from web.api import job_id_or_404
@@ -78,16 +77,8 @@ async def _stream(context: Context, job_id: str, after: int) -> AsyncIterator[by
         stopping=lambda: context.draining,
     )
     yield retry_frame(settings.retry_ms)
-    try:
-        # Attached inside the generator so that its ``finally`` always detaches.
-        viewer = await context.hub.attach(job_id)
-    except BrokerUnavailable:
-        return  # the client reconnects and resumes
-    try:
-        async for batch in feed.events(viewer, after):
-            if batch is None:
-                yield KEEPALIVE_FRAME
-            else:
-                yield b"".join(native_frame(event) for event in batch)
-    finally:
-        context.hub.detach(viewer)
+    async for batch in feed.watch(job_id, after):
+        if batch is None:
+            yield KEEPALIVE_FRAME
+        else:
+            yield b"".join(native_frame(event) for event in batch)

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterable
 
+from services.errors import BackendError
 from services.eventlog import JobWriter
 
 # At most this many tokens go in one append (one Lua call), bounding its size.
@@ -21,20 +22,30 @@ async def pump(tokens: AsyncIterable[str], writer: JobWriter) -> None:
     """
     pending: list[str] = []
     inflight: asyncio.Task | None = None
-    try:
-        async for text in tokens:
-            pending.append(text)
-            if inflight is not None and not inflight.done() and len(pending) < MAX_BATCH:
-                continue
-            if inflight is not None:
-                await inflight
-            inflight = asyncio.create_task(writer.append_tokens(pending))
-            pending = []
+
+    async def flush() -> None:
+        nonlocal inflight, pending
         if inflight is not None:
             await inflight
             inflight = None
         if pending:
-            await writer.append_tokens(pending)
+            batch, pending = pending, []
+            await writer.append_tokens(batch)
+
+    try:
+        try:
+            async for text in tokens:
+                pending.append(text)
+                if inflight is not None and not inflight.done() and len(pending) < MAX_BATCH:
+                    continue
+                if inflight is not None:
+                    await inflight
+                inflight = asyncio.create_task(writer.append_tokens(pending))
+                pending = []
+        except BackendError:
+            await flush()  # what the model produced before failing is part of the job
+            raise
+        await flush()
     finally:
         # Cancelled mid-append: let the append land so the writer's token
         # count matches the log before the terminal event is written.

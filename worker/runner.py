@@ -62,6 +62,9 @@ class Worker:
     async def run(self) -> None:
         """Claim and run jobs until ``stop()``; then drain for ``drain_s``."""
         reaper = asyncio.create_task(self.reaper.run(), name="reaper")
+        log.info(
+            "worker %s ready (%d jobs at once)", self.consumer, self.settings.worker_concurrency
+        )
         try:
             await self._claim_loop()
         finally:

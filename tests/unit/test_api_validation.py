@@ -1,0 +1,183 @@
+"""Every rule of POST /v1/jobs, checked on the embedded broker (fast, no Redis)."""
+
+import pytest
+
+from services.config import Settings
+from services.redisconn import EmbeddedBroker
+from web.app import create_app
+
+
+@pytest.fixture
+async def client():
+    app = create_app(Settings(max_queued_jobs=3), EmbeddedBroker())
+    async with app.test_app() as test_app:
+        yield test_app.test_client()
+
+
+async def post(client, body: str | bytes, content_type="application/json"):
+    response = await client.post("/v1/jobs", data=body, headers={"Content-Type": content_type})
+    return response.status_code, await response.get_json()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ("{bad", 400, "the request body is not valid JSON"),
+        ("[1]", 400, "the request body must be a JSON object"),
+        ('{"prompt": "x", "temperature": NaN}', 400, "the request body is not valid JSON"),
+        ("{}", 400, "prompt is required"),
+        ('{"prompt": ""}', 400, "prompt must be a string of 1 to 100,000 characters"),
+        ('{"prompt": 5}', 400, "prompt must be a string of 1 to 100,000 characters"),
+        ('{"prompt": "x", "max_tokens": 0}', 400, "max_tokens must be an integer from 1 to 32,768"),
+        (
+            '{"prompt": "x", "max_tokens": -1}',
+            400,
+            "max_tokens must be an integer from 1 to 32,768",
+        ),
+        (
+            '{"prompt": "x", "max_tokens": 1000000000}',
+            400,
+            "max_tokens must be an integer from 1 to 32,768",
+        ),
+        (
+            '{"prompt": "x", "max_tokens": "ten"}',
+            400,
+            "max_tokens must be an integer from 1 to 32,768",
+        ),
+        (
+            '{"prompt": "x", "max_tokens": true}',
+            400,
+            "max_tokens must be an integer from 1 to 32,768",
+        ),
+        (
+            '{"prompt": "x", "max_tokens": 5.0}',
+            400,
+            "max_tokens must be an integer from 1 to 32,768",
+        ),
+        ('{"prompt": "x", "temperature": 2.5}', 400, "temperature must be a number from 0 to 2"),
+        ('{"prompt": "x", "temperature": "hot"}', 400, "temperature must be a number from 0 to 2"),
+        ('{"prompt": "x", "seed": "s"}', 400, "seed must be an integer from"),
+        ('{"prompt": "x", "metadata": {"a": 1}}', 400, "metadata must be an object of at most 16"),
+        ('{"prompt": "x", "metadata": {"": "v"}}', 400, "metadata must be an object of at most 16"),
+        ('{"prompt": "x", "metadata": []}', 400, "metadata must be an object of at most 16"),
+        (
+            '{"prompt": "x", "demo": {"tokens_per_second": -1}}',
+            400,
+            "demo.tokens_per_second must be a number from 0 to 10,000",
+        ),
+        (
+            '{"prompt": "x", "demo": {"tokens_per_second": 10001}}',
+            400,
+            "demo.tokens_per_second must be a number from 0 to 10,000",
+        ),
+        (
+            '{"prompt": "x", "demo": {"fail_after": -1}}',
+            400,
+            "demo.fail_after must be an integer of at least 0",
+        ),
+        ('{"prompt": "x", "demo": {"speed": 1}}', 400, "unknown field 'demo.speed'"),
+        ('{"prompt": "x", "foo": 1}', 400, "unknown field 'foo'"),
+        (
+            '{"prompt": "x", "model": "gpt-9"}',
+            404,
+            "model 'gpt-9' does not exist; GET /v1/models lists: demo",
+        ),
+    ],
+)
+async def test_bad_job_requests(client, body, status, message):
+    got_status, got = await post(client, body)
+    assert got_status == status
+    assert got["error"]["message"].startswith(message)
+
+
+async def test_error_names_the_field(client):
+    _, body = await post(client, '{"prompt": "x", "max_tokens": 0}')
+    assert body == {
+        "error": {
+            "code": "invalid_request",
+            "message": "max_tokens must be an integer from 1 to 32,768",
+            "param": "max_tokens",
+        }
+    }
+
+
+async def test_oversize_prompt_and_metadata_limits(client):
+    status, body = await post(client, '{"prompt": "' + "a" * 100_001 + '"}')
+    assert (status, body["error"]["param"]) == (400, "prompt")
+    status, _ = await post(client, '{"prompt": "' + "a" * 100_000 + '"}')
+    assert status == 201
+    many = ", ".join(f'"k{i}": "v"' for i in range(17))
+    status, body = await post(client, '{"prompt": "x", "metadata": {' + many + "}}")
+    assert (status, body["error"]["param"]) == (400, "metadata")
+
+
+async def test_body_over_one_mib_is_413(client):
+    status, body = await post(client, b'{"prompt": "' + b"a" * (1024 * 1024) + b'"}')
+    assert status == 413
+    assert body["error"]["message"] == "the request body is larger than 1048576 bytes (1 MiB)"
+
+
+async def test_wrong_content_type_is_415(client):
+    status, body = await post(client, '{"prompt": "x"}', content_type="text/plain")
+    assert status == 415
+    assert body["error"]["message"] == "Content-Type must be application/json"
+
+
+async def test_wrong_method_is_405_with_allow(client):
+    response = await client.put("/v1/jobs")
+    assert response.status_code == 405
+    assert set(response.headers["Allow"].split(", ")) >= {"POST"}
+    assert (await response.get_json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_full_queue_is_429_with_retry_after(client):
+    for _ in range(3):
+        assert (await post(client, '{"prompt": "x"}'))[0] == 201
+    response = await client.post("/v1/jobs", json={"prompt": "x"})
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "5"
+    assert "3 jobs are already waiting" in (await response.get_json())["error"]["message"]
+
+
+async def test_created_job_shape(client):
+    response = await client.post("/v1/jobs", json={"prompt": "hi", "metadata": {"team": "a"}})
+    body = await response.get_json()
+    assert response.status_code == 201
+    assert response.headers["Location"] == f"/v1/jobs/{body['id']}"
+    assert len(body["id"]) == 22
+    assert body == {
+        "id": body["id"],
+        "status": "queued",
+        "model": "demo",
+        "created_at": body["created_at"],
+        "events_url": f"/v1/jobs/{body['id']}/events",
+        "watch_url": f"/watch/{body['id']}",
+        "viewer_token": None,
+    }
+    state = await (await client.get(f"/v1/jobs/{body['id']}")).get_json()
+    assert state["metadata"] == {"team": "a"}
+    assert state["status"] == "queued"
+    assert state["last_event_id"] == "0"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs/nope",
+        "/v1/jobs/" + "A" * 5000,
+        "/v1/jobs/..%2F..%2Fetc%2Fpasswd",
+        "/v1/jobs/%0D%0Ax",
+    ],
+)
+async def test_unknown_or_malformed_job_ids_are_404(client, path):
+    for suffix in ("", "/events"):
+        response = await client.get(path + suffix)
+        assert response.status_code == 404
+        assert (await response.get_json())["error"]["code"] in ("job_not_found", "not_found")
+
+
+async def test_models_list(client):
+    body = await (await client.get("/v1/models")).get_json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["demo"]
+    assert body["data"][0]["object"] == "model"

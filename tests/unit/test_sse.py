@@ -1,0 +1,36 @@
+import json
+
+import pytest
+
+from services.events import Event, done_data, token_data
+from web.sse import KEEPALIVE_FRAME, native_frame, retry_frame
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["plain", "two\nlines\r\n", 'say "hi"', "tab\tand\\slash", "ünïcødé", "emoji 😀🎉", "\u2028"],
+)
+def test_token_text_survives_framing(text):
+    frame = native_frame(Event(3, "token", token_data(text))).decode()
+    assert frame.endswith("\n\n")
+    lines = frame[:-2].split("\n")
+    assert lines[0] == "id: 3"
+    assert lines[1] == "event: token"
+    assert len(lines) == 3, "data must stay on one line"
+    assert json.loads(lines[2].removeprefix("data: ")) == {"text": text}
+
+
+def test_frame_is_encoded_once_and_cached():
+    event = Event(1, "done", done_data("completed", "stop", 2))
+    first = native_frame(event)
+    assert native_frame(event) is first
+
+
+def test_retry_and_keepalive_frames():
+    assert retry_frame(1000) == b"retry: 1000\n\n"
+    assert KEEPALIVE_FRAME == b": keepalive\n\n"
+
+
+def test_message_round_trip():
+    event = Event(12, "token", token_data("a b c"))
+    assert Event.from_message(event.to_message()) == event
