@@ -84,6 +84,8 @@ class Client:
                         return EXIT_FAILED
                     failing_since = None
                     for sse in source.iter_sse():
+                        if not sse.data:
+                            continue  # e.g. the retry: block, which dispatches no event
                         if sse.id:
                             last_id = sse.id
                         code = self._show(sse.event, sse.data)

@@ -10,6 +10,7 @@ refuses an entry id that is not above the last one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import ResponseError
 
@@ -80,7 +81,7 @@ class EventLog:
     async def read(self, job_id: str, after: int, limit: int | None = None) -> list[Event]:
         """Events with ids above ``after``, in order, at most ``limit`` of them."""
         with broker_errors():
-            entries = await self.redis.xrange(
+            entries: Any = await self.redis.xrange(
                 self.keys.log(job_id), min=f"{after + 1}-0", max="+", count=limit
             )
         return [_entry_to_event(entry_id, fields) for entry_id, fields in entries]

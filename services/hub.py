@@ -18,6 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from services.errors import BrokerUnavailable
 from services.events import Event
@@ -115,7 +116,7 @@ class Hub:
         self._by_channel: dict[bytes, _Topic] = {}
         self._dirty: set[str] = set()
         self._client: Redis | None = None
-        self._pubsub = None
+        self._pubsub: Any = None
         self._tasks: list[asyncio.Task] = []
         self._pending: set[asyncio.Task] = set()
         self.connected = asyncio.Event()
@@ -257,7 +258,7 @@ class Hub:
                 if self._pubsub is None:
                     await self._connect()
                     backoff = BACKOFF_MIN_S
-                message = await self._pubsub.get_message(timeout=1.0)  # type: ignore[attr-defined]
+                message = await self._pubsub.get_message(timeout=1.0)
                 if message is not None:
                     self._dispatch(message)
             except asyncio.CancelledError:

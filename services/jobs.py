@@ -135,7 +135,7 @@ class JobStore:
         """Store a new job and queue it. Raises ``QueueFull`` past the queue limit."""
         job_id = new_job_id()
         created_at = now_iso()
-        fields = {
+        fields: dict[str, str | int] = {
             "status": QUEUED,
             "model": spec.model,
             "created_at": created_at,
@@ -145,7 +145,7 @@ class JobStore:
             "attempts": 0,
         }
         with broker_errors():
-            await self.redis.hset(self.keys.job(job_id), mapping=fields)
+            await self.redis.hset(self.keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
             if not await self.queue.enqueue(job_id, limit=self.max_queued_jobs):
                 await self.redis.delete(self.keys.job(job_id))
                 raise QueueFull(
@@ -216,7 +216,7 @@ class JobStore:
 
         Raises ``JobNotFound`` or ``JobFinished``.
         """
-        args = [
+        args: list[str | int] = [
             f"cancel:{new_job_id()}",
             done_data(CANCELLED, CANCELLED, 0),
             now_iso(),

@@ -14,6 +14,7 @@ Times come from the Redis server's clock, so workers' clocks may disagree.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from redis.exceptions import ResponseError
 
@@ -173,7 +174,7 @@ class JobQueue:
         """Read up to ``count`` new entries for ``consumer``, waiting ``block_ms`` at most."""
         with broker_errors():
             try:
-                reply = await self.redis.xreadgroup(
+                reply: Any = await self.redis.xreadgroup(
                     QUEUE_GROUP, consumer, {self.keys.queue(): ">"}, count=count, block=block_ms
                 )
             except ResponseError as exc:
@@ -196,7 +197,7 @@ class JobQueue:
         """
         with broker_errors():
             try:
-                reply = await self.redis.xautoclaim(
+                reply: Any = await self.redis.xautoclaim(
                     self.keys.queue(), QUEUE_GROUP, consumer, min_idle_ms, count=count
                 )
             except ResponseError:
@@ -254,10 +255,10 @@ class JobQueue:
         with broker_errors():
             seconds, micros = await self.redis.time()
             now_ms = seconds * 1000 + micros // 1000
-            ids = await self.redis.zrangebyscore(
+            ids: list[str] = await self.redis.zrangebyscore(  # type: ignore[assignment]
                 self.keys.leases(), "-inf", now_ms, start=0, num=limit
             )
-        return list(ids)
+        return ids
 
     async def takeover(self, job_id: str, owner: str, lease_s: float) -> TakenOver | None:
         """Own an expired job; ``None`` when it is alive after all, or has ended."""

@@ -39,7 +39,9 @@ class ViewerCounts:
     async def total(self, job_id: str) -> int:
         """Open streams on this job across live nodes."""
         with broker_errors():
-            entries = await self.redis.hgetall(self.keys.viewers(job_id))
+            entries: dict[str, str] = await self.redis.hgetall(  # type: ignore[assignment]
+                self.keys.viewers(job_id)
+            )
         now_ms = time.time() * 1000
         total = 0
         for value in entries.values():

@@ -23,7 +23,7 @@ async def read_json() -> dict[str, Any]:
     """The request's JSON object: ``415`` unless it is JSON, ``413`` past 1 MiB."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("Content-Type must be application/json")
-    raw = await request.get_data(cache=False, as_text=False)
+    raw: bytes = await request.get_data(cache=False, as_text=False)  # type: ignore[assignment]
     return parse_json_body(raw)
 
 

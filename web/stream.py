@@ -44,7 +44,9 @@ async def job_events(job_id: str) -> Response:
     if position.finished and after == position.last_event_id:
         return Response("", status=204)  # tells EventSource to stop reconnecting
 
-    response = await make_response(_stream(context, job_id, after), 200, HEADERS)
+    response: Response = await make_response(  # type: ignore[assignment]
+        _stream(context, job_id, after), 200, HEADERS
+    )
     response.timeout = None  # Quart would cut a stream after 60 s
     return response
 

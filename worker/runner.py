@@ -133,9 +133,10 @@ class Worker:
     async def _run_owned(self, claim: Claim, owner: str, started: Started) -> None:
         job_id = claim.job_id
         with broker_errors():
-            raw_spec, created_at = await self.redis.hmget(
+            fields: list[str] = await self.redis.hmget(  # type: ignore[assignment]
                 self.keys.job(job_id), ["spec", "created_at"]
             )
+        raw_spec, created_at = fields
         spec = JobSpec.from_json(raw_spec)
         writer = JobWriter(
             self.redis,
