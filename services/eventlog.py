@@ -9,15 +9,23 @@ refuses an entry id that is not above the last one.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ResponseError
 
-from services.errors import Fenced, JobFinished
+from services.errors import BrokerUnavailable, Fenced, JobFinished
 from services.events import DONE, START, TOKEN, Event, done_data, start_data, token_data
 from services.keys import Keys
 from services.redisconn import Redis, broker_errors
+
+log = logging.getLogger(__name__)
+
+RETRY_MIN_S = 0.1
+RETRY_MAX_S = 1.0
 
 # Lua helpers shared by every script that writes a job's log.
 # KEYS of such a script: job, log, text, channel, viewers (``Keys.job_keys``).
@@ -40,8 +48,10 @@ local function expire_job(ms)
 end
 """
 
-# ARGV: owner, n, (name, data, text piece) * n, m, (field, value) * m, expire ms
-# Returns {last event id, cancel requested ("1" or "")}.
+# ARGV: owner, expected last id, n, (name, data, text piece) * n, m, (field, value) * m,
+# expire ms.  Returns {last event id, cancel requested ("1" or "")}.
+# Idempotent: a retried call whose first attempt landed (its reply was lost to
+# a dropped connection) finds the log already n events further and does nothing.
 APPEND_SCRIPT = (
     LUA_LOG_LIB
     + """
@@ -49,12 +59,20 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('GONE job do
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
   return redis.error_reply('FENCED another writer owns this job')
 end
+local n = tonumber(ARGV[3])
+local current = tonumber(redis.call('HGET', KEYS[1], 'last_event_id') or '0')
+if n > 0 and current == tonumber(ARGV[2]) + n then
+  return {current, redis.call('HGET', KEYS[1], 'cancel') or ''}
+end
+if current ~= tonumber(ARGV[2]) then
+  return redis.error_reply('FENCED the log moved on without this writer')
+end
 if redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
   return redis.error_reply('FINISHED the job has ended')
 end
-local last = 0
-local i = 3
-for _ = 1, tonumber(ARGV[2]) do
+local last = current
+local i = 4
+for _ = 1, n do
   last = append_event(ARGV[i], ARGV[i + 1], ARGV[i + 2])
   i = i + 3
 end
@@ -105,6 +123,8 @@ class JobWriter:
 
     Raises ``Fenced`` once another writer has taken the job over, and
     ``JobFinished`` after the terminal event: both mean "stop writing".
+    A broker outage is retried for up to ``retry_s`` (appends are idempotent),
+    then raised as ``BrokerUnavailable``.
     """
 
     def __init__(
@@ -115,14 +135,18 @@ class JobWriter:
         owner: str,
         *,
         retention_s: float,
+        last_id: int = 0,
         tokens: int = 0,
+        retry_s: float = 0.0,
     ):
         self.redis = redis
         self.keys = keys
         self.job_id = job_id
         self.owner = owner
         self.retention_ms = int(retention_s * 1000)
+        self.last_id = last_id
         self.tokens = tokens
+        self.retry_s = retry_s
         self._script = redis.register_script(APPEND_SCRIPT)
 
     async def start(self, model: str, created_at: str) -> AppendResult:
@@ -159,7 +183,7 @@ class JobWriter:
         expire_ms: int = 0,
     ) -> AppendResult:
         fields = fields or {}
-        args: list[str | int] = [self.owner, len(events)]
+        args: list[str | int] = [self.owner, self.last_id, len(events)]
         for event in events:
             args.extend(event)
         args.append(len(fields))
@@ -167,8 +191,7 @@ class JobWriter:
             args.extend(item)
         args.append(expire_ms)
         try:
-            with broker_errors():
-                last, cancel = await self._script(keys=self.keys.job_keys(self.job_id), args=args)
+            last, cancel = await self._call_with_retry(args)
         except ResponseError as exc:
             reason = str(exc)
             if reason.startswith("FINISHED"):
@@ -176,4 +199,22 @@ class JobWriter:
             if reason.startswith(("FENCED", "GONE")):
                 raise Fenced(reason) from exc
             raise
-        return AppendResult(int(last), cancel in ("1", b"1"))
+        self.last_id = int(last)
+        return AppendResult(self.last_id, cancel in ("1", b"1"))
+
+    async def _call_with_retry(self, args: list[str | int]) -> list:
+        deadline = time.monotonic() + self.retry_s
+        delay = RETRY_MIN_S
+        while True:
+            try:
+                with broker_errors():
+                    reply: list = await self._script(
+                        keys=self.keys.job_keys(self.job_id), args=args
+                    )
+                    return reply
+            except BrokerUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("job %s: broker unreachable, retrying the append", self.job_id)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)

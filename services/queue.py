@@ -77,7 +77,8 @@ return {expiry, redis.call('HGET', KEYS[1], 'cancel') or ''}
 )
 
 # KEYS: job.  ARGV: new owner, lease ms.
-# Returns {'taken', tokens, attempts, cancel flag, queue entry}, {'alive', expiry} or {'done'}.
+# Returns {'taken', tokens, attempts, cancel flag, queue entry, last event id},
+# {'alive', expiry} or {'done'}.
 TAKEOVER_SCRIPT = (
     LUA_NOW_MS
     + """
@@ -91,7 +92,8 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_expires', now + tonumber(AR
 return {'taken', tonumber(redis.call('HGET', KEYS[1], 'tokens')),
         tonumber(redis.call('HGET', KEYS[1], 'attempts')),
         redis.call('HGET', KEYS[1], 'cancel') or '',
-        redis.call('HGET', KEYS[1], 'queue_entry') or ''}
+        redis.call('HGET', KEYS[1], 'queue_entry') or '',
+        tonumber(redis.call('HGET', KEYS[1], 'last_event_id'))}
 """
 )
 
@@ -130,6 +132,7 @@ class TakenOver:
     attempts: int
     cancel_requested: bool
     entry_id: str
+    last_event_id: int
 
 
 def lease_ttl_ms(lease_s: float) -> int:
@@ -272,7 +275,9 @@ class JobQueue:
             if reply[0] == "done":
                 await self.redis.zrem(self.keys.leases(), job_id)
                 return None
-        return TakenOver(int(reply[1]), int(reply[2]), reply[3] == "1", str(reply[4]))
+        return TakenOver(
+            int(reply[1]), int(reply[2]), reply[3] == "1", str(reply[4]), int(reply[5])
+        )
 
     async def requeue(self, job_id: str, owner: str) -> bool:
         """Hand a job this owner holds back to the queue (it keeps its log)."""

@@ -15,7 +15,7 @@ from services.eventlog import JobWriter
 from services.events import CANCELLED, FAILED
 from services.jobs import now_iso
 from services.keys import Keys
-from services.queue import JobQueue
+from services.queue import JobQueue, TakenOver
 from services.redisconn import Redis
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ MAX_ATTEMPTS = 2  # a job that sent no token yet is retried once
 
 WORKER_LOST = {
     "code": "worker_lost",
-    "message": "the worker generating this job stopped responding after it had sent tokens",
+    "message": "the worker generating this job stopped responding",
 }
 
 
@@ -61,19 +61,25 @@ class Reaper:
                 log.warning("job %s: worker lost before any token, retrying", job_id)
                 await self.queue.requeue(job_id, self.owner)
             else:
-                await self._end(job_id, taken.tokens, taken.cancel_requested)
+                await self._end(job_id, taken)
             await self.queue.settle(job_id, taken.entry_id)
         return handled
 
-    async def _end(self, job_id: str, tokens: int, cancelled: bool) -> None:
+    async def _end(self, job_id: str, taken: TakenOver) -> None:
         writer = JobWriter(
-            self.redis, self.keys, job_id, self.owner, retention_s=self.retention_s, tokens=tokens
+            self.redis,
+            self.keys,
+            job_id,
+            self.owner,
+            retention_s=self.retention_s,
+            last_id=taken.last_event_id,
+            tokens=taken.tokens,
         )
         try:
-            if cancelled:
+            if taken.cancel_requested:
                 await writer.finish(CANCELLED, CANCELLED, finished_at=now_iso())
             else:
-                log.warning("job %s: worker lost after %d tokens, failing it", job_id, tokens)
+                log.warning("job %s: worker lost after %d tokens, failing it", job_id, taken.tokens)
                 await writer.finish(FAILED, None, WORKER_LOST, finished_at=now_iso())
         except (Fenced, JobFinished):
             pass  # someone else settled it meanwhile

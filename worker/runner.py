@@ -61,6 +61,7 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and run jobs until ``stop()``; then drain for ``drain_s``."""
+        await self._ensure_group()
         reaper = asyncio.create_task(self.reaper.run(), name="reaper")
         log.info(
             "worker %s ready (%d jobs at once)", self.consumer, self.settings.worker_concurrency
@@ -73,6 +74,15 @@ class Worker:
                 await reaper
             await self._drain()
 
+    async def _ensure_group(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self.queue.ensure_group()
+                return
+            except BrokerUnavailable as exc:
+                log.warning("broker unreachable at start: %s", exc)
+                await asyncio.sleep(1.0)
+
     def stop(self) -> None:
         self.stopping.set()
 
@@ -84,7 +94,6 @@ class Worker:
                 await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                await self.queue.ensure_group()
                 claims = await self.queue.claim(
                     self.consumer, free, CLAIM_BLOCK_MS if self.blocking_reads else None
                 )
@@ -144,7 +153,9 @@ class Worker:
             job_id,
             owner,
             retention_s=self.settings.retention_s,
+            last_id=started.last_event_id,
             tokens=started.tokens,
+            retry_s=self.settings.broker_grace_s,
         )
         if started.last_event_id == 0:  # a retried job keeps its one start event
             await writer.start(spec.model, created_at)

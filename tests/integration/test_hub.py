@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from services.errors import Fenced
 from services.eventlog import EventLog, JobWriter
 from services.events import COMPLETED, Event
 from services.feed import Feed
@@ -34,7 +35,7 @@ async def bare_job(redis, keys: Keys, job_id: str) -> JobWriter:
             "tokens": 0,
         },
     )
-    return JobWriter(redis, keys, job_id, OWNER, retention_s=60)
+    return JobWriter(redis, keys, job_id, OWNER, retention_s=60, retry_s=5)
 
 
 class Harness:
@@ -273,3 +274,25 @@ async def test_log_lost_when_the_broker_forgets_the_job(own_redis, keys):
                 "message": "the broker lost this job's events (it restarted without persistence)",
             },
         }
+
+
+async def test_a_retried_append_is_applied_once_and_a_stale_writer_is_fenced(redis_url, keys):
+    async with Harness(redis_url, keys) as h:
+        writer = await bare_job(h.redis, keys, "idem-job")
+        await writer.start("demo", now_iso())
+        await writer.append_tokens(["a", "b"])
+        # The same call again, as after a reply lost to a dropped connection.
+        writer.last_id = 1
+        result = await writer.append_tokens(["a", "b"])
+        assert result.last_id == 3
+        events = await h.log.read("idem-job", 0)
+        assert [e.id for e in events] == [1, 2, 3]
+        assert await h.redis.get(keys.text("idem-job")) == "ab"
+        # A writer whose idea of the log is behind (another writer moved it on) is refused.
+        stale = JobWriter(h.redis, keys, "idem-job", OWNER, retention_s=60, last_id=1)
+        with pytest.raises(Fenced, match="moved on"):
+            await stale.append_tokens(["x"])
+        other = JobWriter(h.redis, keys, "idem-job", "someone-else", retention_s=60, last_id=3)
+        with pytest.raises(Fenced, match="another writer owns"):
+            await other.append_tokens(["x"])
+        assert [e.id for e in await h.log.read("idem-job", 0)] == [1, 2, 3]
