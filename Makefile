@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev check lint test test-cluster test-browser bench clean
+.PHONY: dev check lint test test-cluster test-browser cluster bench clean
 
 # Install into .venv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -26,6 +26,14 @@ test: $(STAMP)
 
 # Every check CI runs on the default suite: lint, types, tests.
 check: lint test
+
+# Many real processes behind nginx (needs nginx and redis-server).
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster
+
+# A local cluster to play with: Redis, 3 web nodes, 2 workers, nginx on :8080.
+cluster: $(STAMP)
+	$(BIN)/python deploy/local/cluster.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

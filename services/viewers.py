@@ -13,8 +13,8 @@ import time
 from services.keys import Keys
 from services.redisconn import Redis, broker_errors
 
-ENTRY_TTL_S = 30.0
-REFRESH_S = 10.0
+ENTRY_TTL_S = 25.0  # API.md: a dead node stops counting within 30 s
+REFRESH_S = 8.0
 
 
 class ViewerCounts:

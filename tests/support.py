@@ -2,188 +2,31 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import json
 import os
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import httpx
+import httpx_sse
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
-ROOT = Path(__file__).resolve().parent.parent
+from deploy.local.cluster import ROOT, Process, RedisServer, free_port, wait_until
+
+__all__ = ["ROOT", "Process", "RedisServer", "free_port", "wait_until"]
+
 ARTIFACTS = ROOT / "test-artifacts"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until(check, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll ``check()`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # the thing may not be up yet
-            last_error = exc
-        time.sleep(interval)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what} (last error: {last_error})"
-    )
-
-
-class RedisServer:
-    """A redis-server of the test's own, on a free port, that it may stop and restart."""
-
-    def __init__(self, port: int | None = None, persistent: bool = False):
-        self.port = port or free_port()
-        self.dir = tempfile.mkdtemp(prefix="tokencast-redis-")
-        self.persistent = persistent
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        save = (
-            ["--save", "3600 1", "--dbfilename", "dump.rdb"] if self.persistent else ["--save", ""]
-        )
-        self.process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                self.dir,
-                "--appendonly",
-                "no",
-                *save,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(self.ping, 10, what=f"redis-server on {self.port}")
-        return self
-
-    def ping(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-
-    def cli(self, *args: str) -> str:
-        return subprocess.run(
-            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=10
-        ).stdout
-
-    def kill(self) -> None:
-        """SIGKILL: everything in memory is lost."""
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-
-    def close(self) -> None:
-        self.kill()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def redis_available(url_port: int = 6379) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", url_port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-@dataclass
-class Proc:
-    """A tokencast process (``serve`` or ``worker``) started by a test."""
-
-    args: list[str]
-    env: dict[str, str]
-    port: int | None = None
-    process: subprocess.Popen | None = None
-    log_path: Path = field(
-        default_factory=lambda: Path(tempfile.mktemp(prefix="tokencast-", suffix=".log"))
-    )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, wait: bool = True) -> Proc:
-        with self.log_path.open("ab") as log:  # the child keeps its own copy
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", *self.args],
-                env=self.env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        if wait and self.port:
-            wait_until(self.ready, 15, what=f"tokencast {' '.join(self.args)}")
-        elif wait:
-            wait_until(self.worker_ready, 15, what="tokencast worker")
-        return self
-
-    def worker_ready(self) -> bool:
-        if self.process and self.process.poll() is not None:
-            raise AssertionError(f"process exited early:\n{self.log()}")
-        return " ready (" in self.log()
-
-    def ready(self) -> bool:
-        if self.process and self.process.poll() is not None:
-            raise AssertionError(f"process exited early:\n{self.log()}")
-        return httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        os.kill(self.process.pid, signum)
-
-    def wait(self, timeout: float) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
 class Cluster:
-    """Web nodes and workers on one Redis, under one key prefix."""
+    """Web nodes and workers on one Redis, under one key prefix (no load balancer)."""
 
     def __init__(self, redis_url: str, **settings: str):
         self.redis_url = redis_url
         self.prefix = f"test-{secrets.token_hex(4)}"
         self.settings = settings
-        self.procs: list[Proc] = []
+        self.procs: list[Process] = []
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCAST_")}
@@ -197,20 +40,27 @@ class Cluster:
         )
         return env
 
-    def web(self, port: int | None = None, **extra: str) -> Proc:
+    def web(self, port: int | None = None, **extra: str) -> Process:
         port = port or free_port()
-        proc = Proc(["serve", "--port", str(port)], self.env(**extra), port=port).start()
+        proc = Process(["serve", "--port", str(port)], self.env(**extra), port=port).start()
         self.procs.append(proc)
         return proc
 
-    def worker(self, **extra: str) -> Proc:
-        proc = Proc(["worker"], self.env(**extra)).start()
+    def worker(self, **extra: str) -> Process:
+        proc = Process(["worker"], self.env(**extra)).start()
         self.procs.append(proc)
         return proc
 
     def close(self) -> None:
         for proc in self.procs:
             proc.stop()
+
+
+def redis_available(port: int = 6379) -> bool:
+    try:
+        return RedisServer(port).ping()
+    except OSError:
+        return False
 
 
 # SSE clients.
@@ -309,10 +159,44 @@ def wait_finished(base_url: str, job_id: str, timeout: float = 30) -> dict:
     )
 
 
-@contextlib.contextmanager
-def running(*things) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for thing in things:
-            thing.close() if hasattr(thing, "close") else thing.stop()
+@dataclass
+class Watched(Received):
+    """What a viewer that reconnects by itself (as a browser does) got."""
+
+    connections: int = 0
+
+
+async def watch_resiliently(
+    client: httpx.AsyncClient,
+    job_id: str,
+    last_event_id: int | None = None,
+    retry_s: float = 0.2,
+    give_up_s: float = 60,
+) -> Watched:
+    """Follow a job to its ``done`` like EventSource: on any drop, reconnect
+    with the last id received. 204 (already at the end) also ends it."""
+    watched = Watched()
+    last = last_event_id
+    deadline = asyncio.get_running_loop().time() + give_up_s
+    while asyncio.get_running_loop().time() < deadline:
+        headers = {"Last-Event-ID": str(last)} if last is not None else {}
+        try:
+            watched.connections += 1
+            async with aconnect_sse(
+                client, "GET", f"/v1/jobs/{job_id}/events", headers=headers
+            ) as source:
+                watched.status = source.response.status_code
+                if watched.status == 204:
+                    return watched
+                if watched.status == 200:
+                    async for sse in source.aiter_sse():
+                        if dispatched(sse):
+                            event = (int(sse.id), sse.event, json.loads(sse.data))
+                            watched.events.append(event)
+                            last = event[0]
+                            if sse.event == "done":
+                                return watched
+        except (httpx.TransportError, httpx_sse.SSEError):
+            pass
+        await asyncio.sleep(retry_s)
+    raise AssertionError(f"viewer of {job_id} gave up after {give_up_s}s: {watched.ids[-5:]}")

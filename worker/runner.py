@@ -27,6 +27,12 @@ CLAIM_BLOCK_MS = 1000
 POLL_S = 0.05  # between queue reads on a broker that cannot block (embedded)
 
 
+WORKER_SHUTDOWN = {
+    "code": "worker_lost",
+    "message": "the worker shut down before the job finished",
+}
+
+
 class _CancelledByUser(Exception):
     pass
 
@@ -172,13 +178,31 @@ class Worker:
         except BackendError as exc:
             error = {"code": exc.code, "message": exc.message}
             await writer.finish(FAILED, None, error, finished_at=now_iso())
-        except (Fenced, JobFinished, BrokerUnavailable, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            if self.stopping.is_set():
+                await asyncio.shield(self._hand_back(claim, writer))
+            raise
+        except (Fenced, JobFinished, BrokerUnavailable):
             raise
         except Exception as exc:
             log.exception("job %s: backend crashed", job_id)
             error = {"code": "backend_error", "message": f"the model backend crashed: {exc}"}
             await writer.finish(FAILED, None, error, finished_at=now_iso())
         await self.queue.settle(job_id, claim.entry_id)
+
+    async def _hand_back(self, claim: Claim, writer: JobWriter) -> None:
+        """Shutting down with a job unfinished: requeue it if it sent no token
+        (another worker continues its log), else end it now rather than leave
+        its viewers waiting for the lease to expire."""
+        try:
+            if writer.tokens == 0:
+                log.info("job %s: handed back to the queue", claim.job_id)
+                await self.queue.requeue(claim.job_id, writer.owner)
+            else:
+                await writer.finish(FAILED, None, WORKER_SHUTDOWN, finished_at=now_iso())
+            await self.queue.settle(claim.job_id, claim.entry_id)
+        except (Fenced, JobFinished, BrokerUnavailable) as exc:
+            log.warning("job %s: could not hand back (%s)", claim.job_id, exc)
 
     async def _supervise(self, gen_task: asyncio.Task, job_id: str, owner: str) -> None:
         """Wait for the generation while renewing the lease and watching for cancel."""
