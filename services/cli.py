@@ -13,10 +13,13 @@ import logging
 import os
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from services.config import Settings
 from services.errors import SettingsError
+
+if TYPE_CHECKING:
+    from services.redisconn import RedisBroker
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -95,12 +98,12 @@ def _client_command(args: argparse.Namespace) -> int:
 
 
 async def _dev(settings: Settings, host: str, port: int) -> None:
-    from services.redisconn import EmbeddedBroker, RedisBroker
+    from services.redisconn import EmbeddedBroker
     from web.app import create_app
     from web.server import serve_app
     from worker.main import build_worker
 
-    broker = RedisBroker(settings.redis_url) if settings.redis_url else EmbeddedBroker()
+    broker = _redis_broker(settings) if settings.redis_url else EmbeddedBroker()
     where = settings.redis_url or "the embedded broker"
     logging.getLogger("tokencast").info("tokencast dev on http://%s:%d (%s)", host, port, where)
     worker = build_worker(settings, broker)
@@ -110,18 +113,22 @@ async def _dev(settings: Settings, host: str, port: int) -> None:
 
 
 async def _serve(settings: Settings, host: str, port: int) -> None:
-    from services.redisconn import RedisBroker
     from web.app import create_app
     from web.server import serve_app
 
-    await serve_app(create_app(settings, RedisBroker(settings.broker_url)), host, port)
+    await serve_app(create_app(settings, _redis_broker(settings)), host, port)
 
 
 async def _worker(settings: Settings) -> None:
-    from services.redisconn import RedisBroker
     from worker.main import run_worker
 
-    await run_worker(settings, RedisBroker(settings.broker_url))
+    await run_worker(settings, _redis_broker(settings))
+
+
+def _redis_broker(settings: Settings) -> RedisBroker:
+    from services.redisconn import RedisBroker
+
+    return RedisBroker(settings.broker_url, cluster=settings.redis_cluster)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ class Settings:
     """
 
     redis_url: str | None = None
+    redis_cluster: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
@@ -70,6 +71,7 @@ class Settings:
         reader = _Reader(env)
         return cls(
             redis_url=reader.text("TOKENCAST_REDIS_URL"),
+            redis_cluster=reader.flag("TOKENCAST_REDIS_CLUSTER"),
             host=reader.text("TOKENCAST_HOST") or cls.host,
             port=reader.number("TOKENCAST_PORT", int, cls.port, 1, 65535),
             api_keys=reader.csv("TOKENCAST_API_KEYS"),
@@ -106,6 +108,12 @@ class _Reader:
     def text(self, name: str) -> str | None:
         value = self.env.get(name, "").strip()
         return value or None
+
+    def flag(self, name: str) -> bool:
+        raw = (self.text(name) or "0").lower()
+        if raw not in ("0", "1", "true", "false", "yes", "no"):
+            raise SettingsError(f"{name}={raw!r} must be 1 or 0")
+        return raw in ("1", "true", "yes")
 
     def csv(self, name: str) -> tuple[str, ...]:
         return tuple(part.strip() for part in self.env.get(name, "").split(",") if part.strip())

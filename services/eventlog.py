@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from services.errors import BrokerUnavailable, Fenced, JobFinished
 from services.events import DONE, START, TOKEN, Event, done_data, start_data, token_data
 from services.keys import Keys
-from services.redisconn import Redis, broker_errors
+from services.redisconn import Redis, broker_errors, register_log_script
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ LUA_LOG_LIB = """
 local function append_event(name, data, piece)
   local last = redis.call('HINCRBY', KEYS[1], 'last_event_id', 1)
   redis.call('XADD', KEYS[2], last .. '-0', 'e', name, 'd', data)
-  redis.call('PUBLISH', KEYS[4], last .. ' ' .. name .. ' ' .. data)
+  redis.call('PUBLISH_COMMAND', KEYS[4], last .. ' ' .. name .. ' ' .. data)
   if name == 'token' then
     redis.call('HINCRBY', KEYS[1], 'tokens', 1)
     redis.call('APPEND', KEYS[3], piece)
@@ -147,7 +147,7 @@ class JobWriter:
         self.last_id = last_id
         self.tokens = tokens
         self.retry_s = retry_s
-        self._script = redis.register_script(APPEND_SCRIPT)
+        self._script = register_log_script(redis, APPEND_SCRIPT)
 
     async def start(self, model: str, created_at: str) -> AppendResult:
         return await self._append([(START, start_data(self.job_id, model, created_at), "")])

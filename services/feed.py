@@ -7,6 +7,7 @@ published in between is in the buffer, and ids already sent are dropped.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -15,6 +16,8 @@ from services.eventlog import EventLog
 from services.events import DONE, FAILED, Event, done_data
 from services.hub import Hub, Viewer
 from services.resume import coalesce, next_run
+
+logger = logging.getLogger(__name__)
 
 # Events read from the log per step while catching up: bounds the memory a
 # slow or late viewer costs, whatever the job's length.
@@ -61,8 +64,9 @@ class Feed:
         """The viewer's batches: registered with the hub first, then history, then live."""
         try:
             viewer = await self.hub.attach(job_id)
-        except BrokerUnavailable:
-            return  # the stream ends; the client reconnects and resumes
+        except BrokerUnavailable as exc:
+            logger.warning("job %s: stream ends, %s", job_id, exc)
+            return  # the client reconnects and resumes
         try:
             async for batch in self._events(viewer, after):
                 yield batch
@@ -92,7 +96,7 @@ class Feed:
                 batch, gap = next_run(viewer.take(), sent)
                 if gap:
                     viewer.lagging = True
-            elif self.hub.disconnected_for() > self.grace_s:
+            elif self.hub.disconnected_for(viewer.job_id) > self.grace_s:
                 return
             if batch:
                 yield batch

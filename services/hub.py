@@ -1,4 +1,5 @@
-"""The hub: one pub/sub connection per process, shared by every local viewer.
+"""The hub: one pub/sub connection per process (per shard on a Redis
+Cluster), shared by every local viewer.
 
 Each job with local viewers is subscribed once, however many viewers watch
 it. An incoming event is parsed once into an ``Event`` that every viewer of
@@ -17,13 +18,13 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Coroutine
 from typing import Any
 
 from services.errors import BrokerUnavailable
 from services.events import Event
 from services.keys import Keys
-from services.redisconn import BROKER_IO_ERRORS, Redis
+from services.redisconn import BROKER_IO_ERRORS, MAIN_SHARD, Broker, Redis
 from services.viewers import REFRESH_S, ViewerCounts
 
 log = logging.getLogger(__name__)
@@ -87,61 +88,206 @@ class Viewer:
 class _Topic:
     """The local viewers of one job, and whether its subscription is live."""
 
-    __slots__ = ("job_id", "ready", "viewers")
+    __slots__ = ("channel", "job_id", "ready", "shard", "viewers")
 
-    def __init__(self, job_id: str):
+    def __init__(self, job_id: str, channel: str, shard: _Shard):
         self.job_id = job_id
+        self.channel = channel
+        self.shard = shard
         self.viewers: set[Viewer] = set()
         self.ready = asyncio.Event()
 
 
+class _Shard:
+    """One pub/sub connection, to one Redis node, and the topics it carries.
+
+    It reconnects with backoff when the connection drops; every subscription
+    it re-makes marks that job's viewers ``lagging`` so they re-read the log.
+    """
+
+    def __init__(self, hub: Hub, name: str):
+        self.hub = hub
+        self.name = name
+        self.topics: dict[bytes, _Topic] = {}
+        self._client: Redis | None = None
+        self._pubsub: Any = None
+        self.connected = asyncio.Event()
+        # Set when a connection attempt failed or a connection dropped; a
+        # shard still making its first connection is not "down".
+        self.disconnected_at: float | None = None
+        self.task = asyncio.create_task(self._read_loop(), name=f"hub-{name}")
+
+    def add(self, topic: _Topic) -> None:
+        self.topics[topic.channel.encode()] = topic
+        if self.connected.is_set():
+            self.hub._spawn(self._send(self.hub.subscribe_command, topic.channel))
+
+    def remove(self, topic: _Topic) -> None:
+        del self.topics[topic.channel.encode()]
+        if self.connected.is_set():
+            self.hub._spawn(self._send(self.hub.unsubscribe_command, topic.channel))
+
+    async def _send(self, command: str, channel: str) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        try:
+            await getattr(pubsub, command)(channel)
+        except BROKER_IO_ERRORS:
+            pass  # the reader notices the broken connection and resubscribes everything
+
+    async def _connect(self) -> None:
+        self._client = self.hub.broker.pubsub_client(self.name)
+        self._pubsub = self._client.pubsub()
+        # A connection with no subscription yet: a ping proves the broker answers.
+        await self._pubsub.ping()
+        # Connected first: a topic added while the others are being subscribed
+        # sends its own subscribe (a duplicate subscribe is harmless).
+        self.connected.set()
+        self.disconnected_at = None
+        subscribe = getattr(self._pubsub, self.hub.subscribe_command)
+        channels = [topic.channel for topic in self.topics.values()]
+        if self.hub.broker.cluster:
+            for channel in channels:  # SSUBSCRIBE takes channels of one slot only
+                await subscribe(channel)
+        elif channels:
+            await subscribe(*channels)
+
+    async def close(self) -> None:
+        pubsub, client = self._pubsub, self._client
+        self._pubsub = self._client = None
+        with contextlib.suppress(Exception):
+            if pubsub is not None:
+                await pubsub.aclose()
+        with contextlib.suppress(Exception):
+            if client is not None:
+                await client.aclose()
+
+    def _lost(self) -> None:
+        if self.connected.is_set():
+            log.warning("pub/sub connection to %s lost; viewers resume from the log", self.name)
+        if self.disconnected_at is None:
+            self.disconnected_at = time.monotonic()
+        self.connected.clear()
+        for topic in self.topics.values():
+            topic.ready.clear()
+
+    async def _read_loop(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            try:
+                if self._pubsub is None:
+                    await self._connect()
+                    backoff = BACKOFF_MIN_S
+                message = await self._pubsub.get_message(timeout=1.0)
+                if message is not None:
+                    self._dispatch(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not isinstance(exc, BROKER_IO_ERRORS):
+                    log.exception("pub/sub reader failed")
+                self._lost()
+                await self.close()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                self.hub.reconnects += 1
+
+    def _dispatch(self, message: dict) -> None:
+        kind = message["type"]
+        if isinstance(kind, bytes):
+            kind = kind.decode()
+        if kind in ("message", "smessage"):
+            topic = self.topics.get(message["channel"])
+            if topic is None:
+                return
+            try:
+                event = Event.from_message(message["data"].decode())
+            except ValueError:
+                log.error("malformed event on %r", message["channel"])
+                return
+            for viewer in topic.viewers:
+                viewer.push(event)
+        elif kind in ("subscribe", "ssubscribe"):
+            topic = self.topics.get(message["channel"])
+            if topic is not None:
+                # Live from here on; whatever was published before is in the log.
+                topic.ready.set()
+                for viewer in topic.viewers:
+                    viewer.resync()
+
+
 class Hub:
-    """Multiplexes one pub/sub connection over all local viewers of all jobs."""
+    """Multiplexes pub/sub connections (one per shard: one on a single Redis)
+    over all local viewers of all jobs."""
 
     def __init__(
         self,
-        client_factory: Callable[[], Redis],
-        counts_redis: Redis,
+        broker: Broker,
+        redis: Redis,
         keys: Keys,
         *,
         node_id: str,
         viewer_buffer: int,
     ):
-        self._client_factory = client_factory
+        self.broker = broker
+        self.redis = redis
         self.keys = keys
         self.node_id = node_id
         self.viewer_buffer = viewer_buffer
-        self._counts = ViewerCounts(counts_redis, keys)
+        # Sharded pub/sub on a cluster: a channel lives on its slot's node only.
+        self.subscribe_command = "ssubscribe" if broker.cluster else "subscribe"
+        self.unsubscribe_command = "sunsubscribe" if broker.cluster else "unsubscribe"
+        self._counts = ViewerCounts(redis, keys)
         self._topics: dict[str, _Topic] = {}
-        self._by_channel: dict[bytes, _Topic] = {}
+        self._shards: dict[str, _Shard] = {}
         self._dirty: set[str] = set()
-        self._client: Redis | None = None
-        self._pubsub: Any = None
         self._tasks: list[asyncio.Task] = []
         self._pending: set[asyncio.Task] = set()
-        self.connected = asyncio.Event()
         self.idle = asyncio.Event()  # set while no viewer is attached
         self.idle.set()
-        self._disconnected_at: float | None = time.monotonic()
         self.reconnects = 0
 
     # Lifecycle.
 
     async def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._read_loop(), name="hub-reader"),
-            asyncio.create_task(self._counts_loop(), name="hub-counts"),
-        ]
+        if self.broker.cluster:
+            await self.redis.initialize()  # type: ignore[attr-defined]  # the slot map
+        else:
+            self._shard(MAIN_SHARD)  # connect now: readiness reflects pub/sub too
+        self._tasks = [asyncio.create_task(self._counts_loop(), name="hub-counts")]
 
     async def stop(self) -> None:
-        for task in self._tasks + list(self._pending):
+        tasks = self._tasks + list(self._pending) + [s.task for s in self._shards.values()]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks + list(self._pending):
+        for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
-        await self._close()
+        for shard in self._shards.values():
+            await shard.close()
         with contextlib.suppress(Exception):
             await self._counts.report({job_id: 0 for job_id in self._topics}, self.node_id)
+
+    def _shard(self, name: str) -> _Shard:
+        shard = self._shards.get(name)
+        if shard is None:
+            shard = self._shards[name] = _Shard(self, name)
+        return shard
+
+    # Health.
+
+    def healthy(self) -> bool:
+        """No pub/sub connection this process holds is down."""
+        return all(shard.disconnected_at is None for shard in self._shards.values())
+
+    def disconnected_for(self, job_id: str | None = None) -> float:
+        """Seconds since the pub/sub connection (of ``job_id``'s shard, or of
+        any shard) was lost; 0 while connected."""
+        topic = self._topics.get(job_id) if job_id else None
+        shards = [topic.shard] if topic else list(self._shards.values())
+        now = time.monotonic()
+        return max((now - s.disconnected_at for s in shards if s.disconnected_at), default=0.0)
 
     # Viewers.
 
@@ -153,12 +299,6 @@ class Hub:
         topic = self._topics.get(job_id)
         return len(topic.viewers) if topic else 0
 
-    def disconnected_for(self) -> float:
-        """Seconds since the pub/sub connection was lost (0 while connected)."""
-        if self._disconnected_at is None:
-            return 0.0
-        return time.monotonic() - self._disconnected_at
-
     async def attach(self, job_id: str) -> Viewer:
         """Register a viewer; returns once the job's subscription is live.
 
@@ -166,10 +306,13 @@ class Hub:
         """
         topic = self._topics.get(job_id)
         if topic is None:
-            topic = self._topics[job_id] = _Topic(job_id)
-            self._by_channel[self.keys.channel(job_id).encode()] = topic
-            if self.connected.is_set():
-                self._spawn(self._send("subscribe", job_id))
+            channel = self.keys.channel(job_id)
+            try:
+                shard = self._shard(self.broker.shard_for(self.redis, channel))
+            except BROKER_IO_ERRORS as exc:
+                raise BrokerUnavailable(f"cannot locate the job's shard: {exc}") from exc
+            topic = self._topics[job_id] = _Topic(job_id, channel, shard)
+            shard.add(topic)
         viewer = Viewer(job_id, self.viewer_buffer)
         topic.viewers.add(viewer)
         self.idle.clear()
@@ -190,9 +333,7 @@ class Hub:
         self._dirty.add(viewer.job_id)
         if not topic.viewers:
             del self._topics[viewer.job_id]
-            del self._by_channel[self.keys.channel(viewer.job_id).encode()]
-            if self.connected.is_set():
-                self._spawn(self._send("unsubscribe", viewer.job_id))
+            topic.shard.remove(topic)
             if not self._topics:
                 self.idle.set()
 
@@ -202,96 +343,10 @@ class Hub:
             for viewer in topic.viewers:
                 viewer.resync()
 
-    # The pub/sub connection.
-
-    def _spawn(self, coro) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
-
-    async def _send(self, command: str, job_id: str) -> None:
-        pubsub = self._pubsub
-        if pubsub is None:
-            return
-        channel = self.keys.channel(job_id)
-        try:
-            if command == "subscribe":
-                await pubsub.subscribe(channel)
-            else:
-                await pubsub.unsubscribe(channel)
-        except BROKER_IO_ERRORS:
-            pass  # the reader notices the broken connection and resubscribes everything
-
-    async def _connect(self) -> None:
-        self._client = self._client_factory()
-        self._pubsub = self._client.pubsub()
-        channels = [self.keys.channel(job_id) for job_id in self._topics]
-        # A connection with no subscription yet: a ping proves the broker answers.
-        await self._pubsub.ping()
-        if channels:
-            await self._pubsub.subscribe(*channels)
-        self.connected.set()
-        self._disconnected_at = None
-
-    async def _close(self) -> None:
-        pubsub, client = self._pubsub, self._client
-        self._pubsub = self._client = None
-        with contextlib.suppress(Exception):
-            if pubsub is not None:
-                await pubsub.aclose()
-        with contextlib.suppress(Exception):
-            if client is not None:
-                await client.aclose()
-
-    def _lost(self) -> None:
-        if self.connected.is_set():
-            self._disconnected_at = time.monotonic()
-            log.warning("pub/sub connection lost; viewers will resume from the log")
-        self.connected.clear()
-        for topic in self._topics.values():
-            topic.ready.clear()
-
-    async def _read_loop(self) -> None:
-        backoff = BACKOFF_MIN_S
-        while True:
-            try:
-                if self._pubsub is None:
-                    await self._connect()
-                    backoff = BACKOFF_MIN_S
-                message = await self._pubsub.get_message(timeout=1.0)
-                if message is not None:
-                    self._dispatch(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if not isinstance(exc, BROKER_IO_ERRORS):
-                    log.exception("pub/sub reader failed")
-                self._lost()
-                await self._close()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
-                self.reconnects += 1
-
-    def _dispatch(self, message: dict) -> None:
-        kind = message["type"]
-        if kind in (b"message", "message"):
-            topic = self._by_channel.get(message["channel"])
-            if topic is None:
-                return
-            try:
-                event = Event.from_message(message["data"].decode())
-            except ValueError:
-                log.error("malformed event on %r", message["channel"])
-                return
-            for viewer in topic.viewers:
-                viewer.push(event)
-        elif kind in (b"subscribe", "subscribe"):
-            topic = self._by_channel.get(message["channel"])
-            if topic is not None:
-                # Live from here on; whatever was published before is in the log.
-                topic.ready.set()
-                for viewer in topic.viewers:
-                    viewer.resync()
 
     # Viewer counts.
 

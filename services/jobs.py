@@ -18,7 +18,7 @@ from services.eventlog import LUA_LOG_LIB
 from services.events import CANCELLED, TERMINAL_STATUSES, done_data
 from services.keys import Keys
 from services.queue import JobQueue
-from services.redisconn import Redis, broker_errors
+from services.redisconn import Redis, broker_errors, register_log_script
 from services.viewers import ViewerCounts
 
 QUEUED = "queued"
@@ -129,7 +129,7 @@ class JobStore:
         self.max_queued_jobs = max_queued_jobs
         self.queue = JobQueue(redis, keys)
         self.viewers = ViewerCounts(redis, keys)
-        self._cancel = redis.register_script(CANCEL_SCRIPT)
+        self._cancel = register_log_script(redis, CANCEL_SCRIPT)
 
     async def create(self, spec: JobSpec) -> JobState:
         """Store a new job and queue it. Raises ``QueueFull`` past the queue limit."""
@@ -171,7 +171,7 @@ class JobStore:
     async def get(self, job_id: str) -> JobState:
         """The job's state; raises ``JobNotFound`` for an unknown or expired job."""
         with broker_errors():
-            async with self.redis.pipeline(transaction=True) as pipe:
+            async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(self.keys.job(job_id))
                 pipe.get(self.keys.text(job_id))
                 raw, text = await pipe.execute()

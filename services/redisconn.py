@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import redis.asyncio as aredis
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -39,17 +40,49 @@ def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
     )
 
 
+MAIN_SHARD = "main"
+
+
 class RedisBroker:
-    """Hands out clients of one Redis server (``TOKENCAST_REDIS_URL``)."""
+    """Hands out clients of one Redis server, or of a Redis Cluster.
+
+    On a cluster, a job's channel lives on the shard of its hash tag: the hub
+    opens one pub/sub connection per shard (``shard_for``/``pubsub_client``)
+    and events are published with SPUBLISH (sharded pub/sub).
+    """
 
     # A blocking XREADGROUP wakes up as soon as a job is queued.
     blocking_reads = True
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, cluster: bool = False):
         self.url = url
+        self.cluster = cluster
 
     def client(self, *, decode: bool = True) -> Redis:
+        if self.cluster:
+            # Same command API as a single-server client, for everything we use.
+            cluster_client: Redis = RedisCluster.from_url(  # type: ignore[assignment]
+                self.url,
+                decode_responses=decode,
+                socket_connect_timeout=2,
+                socket_timeout=10,
+                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            )
+            return cluster_client
         return connect(self.url, decode=decode)
+
+    def shard_for(self, client: Redis, channel: str) -> str:
+        """The name of the node that holds ``channel`` (one name unless clustered)."""
+        if not self.cluster:
+            return MAIN_SHARD
+        node = client.get_node_from_key(channel)  # type: ignore[attr-defined]
+        return str(node.name)
+
+    def pubsub_client(self, shard: str) -> Redis:
+        """A client for one pub/sub connection to ``shard``."""
+        if shard == MAIN_SHARD:
+            return connect(self.url, decode=False)
+        return connect(f"redis://{shard}", decode=False)
 
 
 class EmbeddedBroker:
@@ -64,12 +97,32 @@ class EmbeddedBroker:
         self._fakeredis = fakeredis
         self.server = fakeredis.FakeServer()
 
+    cluster = False
+
     def client(self, *, decode: bool = True) -> Redis:
         client: Redis = self._fakeredis.FakeAsyncRedis(server=self.server, decode_responses=decode)
         return client
 
+    def shard_for(self, client: Redis, channel: str) -> str:
+        return MAIN_SHARD
+
+    def pubsub_client(self, shard: str) -> Redis:
+        return self.client(decode=False)
+
 
 Broker = RedisBroker | EmbeddedBroker
+
+
+def is_cluster(client: Redis) -> bool:
+    return isinstance(client, RedisCluster)
+
+
+def register_log_script(client: Redis, source: str) -> Any:
+    """Register a script that publishes job events (``PUBLISH_COMMAND`` in its
+    source): SPUBLISH on a cluster, so the event goes to the job's own shard
+    only, PUBLISH on a single server."""
+    command = "SPUBLISH" if is_cluster(client) else "PUBLISH"
+    return client.register_script(source.replace("PUBLISH_COMMAND", command))
 
 
 @contextmanager

@@ -6,6 +6,8 @@ import asyncio
 import json
 import os
 import secrets
+import socket
+import subprocess
 from dataclasses import dataclass, field
 
 import httpx
@@ -200,3 +202,66 @@ async def watch_resiliently(
             pass
         await asyncio.sleep(retry_s)
     raise AssertionError(f"viewer of {job_id} gave up after {give_up_s}s: {watched.ids[-5:]}")
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 < 65536 and port_free(port + 10000):
+            return port
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class LocalRedisCluster:
+    """Three Redis masters on free ports, joined into a Redis Cluster."""
+
+    def __init__(self, masters: int = 3):
+        self.servers = [
+            RedisServer(
+                cluster_port(),
+                extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            )
+            for _ in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return self.servers[0].url
+
+    def start(self) -> LocalRedisCluster:
+        for server in self.servers:
+            server.start()
+        addresses = [f"127.0.0.1:{server.port}" for server in self.servers]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        wait_until(
+            lambda: all("cluster_state:ok" in s.cli("CLUSTER", "INFO") for s in self.servers),
+            20,
+            what="cluster_state:ok",
+        )
+        return self
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()

@@ -34,7 +34,7 @@ class Context:
         redis = broker.client()
         keys = Keys(settings.key_prefix)
         hub = Hub(
-            lambda: broker.client(decode=False),
+            broker,
             redis,
             keys,
             node_id=settings.node_id,

@@ -56,7 +56,7 @@ def _refuse_new_stream(context: Context) -> Response | None:
     headers = {"Retry-After": str(BROKER_RETRY_AFTER_S)}
     if context.draining:
         return error_response(503, "draining", "this node is shutting down", headers=headers)
-    if not context.hub.connected.is_set():
+    if not context.hub.healthy():
         message = "the broker is unreachable; retry shortly"
         return error_response(503, "broker_unavailable", message, headers=headers)
     if context.hub.viewer_total >= context.settings.max_streams:

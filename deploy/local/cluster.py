@@ -63,8 +63,9 @@ def http_status(url: str, timeout: float = 1.0) -> int:
 class RedisServer:
     """A redis-server of our own on a free port, which may be stopped and restarted."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
         self.port = port or free_port()
+        self.extra_args = extra_args
         self.dir = tempfile.mkdtemp(prefix="tokencast-redis-")
         self.process: subprocess.Popen | None = None
 
@@ -89,6 +90,7 @@ class RedisServer:
                 "no",
                 "--dbfilename",
                 "dump.rdb",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

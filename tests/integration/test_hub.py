@@ -14,7 +14,7 @@ from services.feed import Feed
 from services.hub import Hub, Viewer
 from services.jobs import JobStore, now_iso
 from services.keys import Keys
-from services.redisconn import connect
+from services.redisconn import MAIN_SHARD, RedisBroker, connect
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,7 +45,7 @@ class Harness:
         self.redis = connect(url)
         self.keys = keys
         self.hub = Hub(
-            lambda: connect(url, decode=False),
+            RedisBroker(url),
             self.redis,
             keys,
             node_id="test-node",
@@ -56,7 +56,7 @@ class Harness:
 
     async def __aenter__(self) -> Harness:
         await self.hub.start()
-        await asyncio.wait_for(self.hub.connected.wait(), 5)
+        await asyncio.wait_for(self.hub._shards[MAIN_SHARD].connected.wait(), 5)
         return self
 
     async def __aexit__(self, *exc) -> None:
