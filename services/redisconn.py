@@ -21,15 +21,24 @@ BROKER_IO_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 Redis = aredis.Redis
 
 
+# Connections per client. A burst of requests (a reconnect storm) waits up to
+# POOL_WAIT_S for one instead of opening hundreds, each with its own
+# handshake; past that, the request gets 503 and retries elsewhere.
+POOL_SIZE = 64
+POOL_WAIT_S = 5.0
+
+
 def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
-    """A pooled client for ``url``.
+    """A pooled client for ``url`` (at most ``POOL_SIZE`` connections).
 
     Commands are retried twice on a dropped connection, so a pool holding
     connections to a Redis that restarted reconnects instead of failing the
     request that found the stale connection.
     """
-    return aredis.Redis.from_url(
+    pool = aredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=POOL_SIZE,
+        timeout=POOL_WAIT_S,
         decode_responses=decode,
         socket_connect_timeout=2,
         socket_timeout=10,
@@ -38,6 +47,7 @@ def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         **options,
     )
+    return aredis.Redis(connection_pool=pool)
 
 
 MAIN_SHARD = "main"

@@ -22,6 +22,9 @@ def hypercorn_config(host: str, port: int, drain_s: float) -> Config:
     config.bind = [f"{host}:{port}"]
     config.graceful_timeout = max(drain_s, 0.1)
     config.keep_alive_timeout = 75  # longer than a load balancer's idle upstream timeout
+    # A reconnect storm (a node died; its viewers all come back at once) must
+    # not overflow the accept queue: dropped SYNs are retried after 1, 3, 7 s.
+    config.backlog = 4096
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
