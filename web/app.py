@@ -6,14 +6,14 @@ from quart import Quart
 
 from services.config import Settings
 from services.redisconn import Broker
-from web import api, errors, health, stream
+from web import api, errors, health, pages, stream
 from web.context import Context
 from web.models import MAX_BODY_BYTES
 
 
 def create_app(settings: Settings, broker: Broker) -> Quart:
     """The web tier of one process, serving from ``broker``."""
-    app = Quart(__name__)
+    app = Quart(__name__, static_folder=None)  # web/pages.py serves web/static/
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -28,7 +28,7 @@ def create_app(settings: Settings, broker: Broker) -> Quart:
     async def stop() -> None:
         await context.stop()
 
-    for blueprint in (api.bp, stream.bp, health.bp):
+    for blueprint in (api.bp, stream.bp, health.bp, pages.bp):
         app.register_blueprint(blueprint)
     errors.install(app)
     return app
