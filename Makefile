@@ -27,6 +27,10 @@ test: $(STAMP)
 # Every check CI runs on the default suite: lint, types, tests.
 check: lint test
 
+# The pages in a real browser: needs Debian's chromium (.ci/run installs it).
+test-browser: $(STAMP)
+	$(BIN)/python -m pytest -m browser
+
 # Many real processes behind nginx (needs nginx and redis-server).
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster
