@@ -187,3 +187,30 @@ def test_cli_watch_resumes_after_the_node_restarts(cluster):
     state = wait_finished(restarted.url, job_id)
     assert out == state["text"] + "\n"  # nothing lost, nothing repeated
     assert "reconnecting…" in err
+
+
+def test_worker_sigterm_finishes_hands_back_or_ends_its_jobs(cluster):
+    web = cluster.web()
+    worker = cluster.worker(drain_seconds="1.5", worker_concurrency="3")
+    quick = create_job(web.url, max_tokens=10, demo={"tokens_per_second": 10})
+    slow = create_job(web.url, max_tokens=500, demo={"tokens_per_second": 10})
+    silent = create_job(web.url, max_tokens=2, seed=5, demo={"tokens_per_second": 0.5})
+    wait_until(lambda: job_state(web.url, slow)["tokens"] >= 2, 10, what="tokens")
+    wait_until(lambda: job_state(web.url, silent)["status"] == "running", 10, what="start")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(5) == 0
+    # Finished within the drain time.
+    assert wait_finished(web.url, quick, 5)["status"] == "completed"
+    # Had sent tokens: ended at once, not left to the lease.
+    state = wait_finished(web.url, slow, 1)
+    assert state["status"] == "failed"
+    assert state["error"] == {
+        "code": "worker_lost",
+        "message": "the worker shut down before the job finished",
+    }
+    # Had sent none: handed back, and another worker completes it on the same log.
+    assert job_state(web.url, silent)["status"] == "queued"
+    cluster.worker()
+    got = read_stream(web.url, silent, timeout=30)
+    assert got.done["status"] == "completed"
+    assert [name for _id, name, _data in got.events].count("start") == 1
