@@ -194,7 +194,7 @@ def test_worker_sigterm_finishes_hands_back_or_ends_its_jobs(cluster):
     worker = cluster.worker(drain_seconds="1.5", worker_concurrency="3")
     quick = create_job(web.url, max_tokens=10, demo={"tokens_per_second": 10})
     slow = create_job(web.url, max_tokens=500, demo={"tokens_per_second": 10})
-    silent = create_job(web.url, max_tokens=2, seed=5, demo={"tokens_per_second": 0.5})
+    silent = create_job(web.url, max_tokens=1, demo={"tokens_per_second": 0.25})
     wait_until(lambda: job_state(web.url, slow)["tokens"] >= 2, 10, what="tokens")
     wait_until(lambda: job_state(web.url, silent)["status"] == "running", 10, what="start")
     worker.signal(signal.SIGTERM)
