@@ -47,7 +47,7 @@ def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         **options,
     )
-    return aredis.Redis(connection_pool=pool)
+    return aredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
 MAIN_SHARD = "main"
