@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from quart import Blueprint, Response, make_response, request
 
+from services.events import Event
 from services.feed import Feed
 from services.resume import parse_last_event_id
 from web.api import job_id_or_404
 from web.context import Context, ctx
 from web.errors import BROKER_RETRY_AFTER_S, error_response
+from web.openai_format import ChunkEncoder, include_usage_param
 from web.sse import HEADERS, KEEPALIVE_FRAME, native_frame, retry_frame
 
 bp = Blueprint("stream", __name__)
 
-FORMATS = ("native",)
+FORMATS = ("native", "openai")
 
 
 @bp.get("/v1/jobs/<job_id>/events")
@@ -30,7 +32,7 @@ async def job_events(job_id: str) -> Response:
             400, "invalid_request", f"format must be one of: {', '.join(FORMATS)}", param="format"
         )
     job_id = job_id_or_404(job_id)
-    refusal = _refuse_new_stream(context)
+    refusal = refuse_new_stream(context)
     if refusal is not None:
         return refusal
     position = await context.store.position(job_id)
@@ -43,15 +45,27 @@ async def job_events(job_id: str) -> Response:
         )
     if position.finished and after == position.last_event_id:
         return Response("", status=204)  # tells EventSource to stop reconnecting
+    if fmt == "openai":
+        include_usage = include_usage_param(request.args.get("include_usage"))
+        state = await context.store.get(job_id)
+        encode, retry_ms = ChunkEncoder.for_job(state, include_usage).frame, None
+    else:
+        encode, retry_ms = native_frame, context.settings.retry_ms
+    return await stream_response(event_stream(context, job_id, after, encode, retry_ms))
 
+
+async def stream_response(
+    body: AsyncIterator[bytes], headers: dict[str, str] | None = None
+) -> Response:
+    """A ``200`` event stream with the SSE headers, never cut by Quart's response timeout."""
     response: Response = await make_response(  # type: ignore[assignment]
-        _stream(context, job_id, after), 200, HEADERS
+        body, 200, {**HEADERS, **(headers or {})}
     )
     response.timeout = None  # Quart would cut a stream after 60 s
     return response
 
 
-def _refuse_new_stream(context: Context) -> Response | None:
+def refuse_new_stream(context: Context) -> Response | None:
     """A 503 (so the load balancer tries another node) when this node cannot serve."""
     headers = {"Retry-After": str(BROKER_RETRY_AFTER_S)}
     if context.draining:
@@ -68,9 +82,9 @@ def _refuse_new_stream(context: Context) -> Response | None:
     return None
 
 
-async def _stream(context: Context, job_id: str, after: int) -> AsyncIterator[bytes]:
+def feed_for(context: Context) -> Feed:
     settings = context.settings
-    feed = Feed(
+    return Feed(
         context.hub,
         context.log,
         context.store.exists,
@@ -78,9 +92,24 @@ async def _stream(context: Context, job_id: str, after: int) -> AsyncIterator[by
         grace_s=settings.broker_grace_s,
         stopping=lambda: context.draining,
     )
-    yield retry_frame(settings.retry_ms)
-    async for batch in feed.watch(job_id, after):
+
+
+async def event_stream(
+    context: Context,
+    job_id: str,
+    after: int,
+    encode: Callable[[Event], bytes],
+    retry_ms: int | None,
+) -> AsyncIterator[bytes]:
+    """The job's events after ``after``, each encoded by ``encode``.
+
+    Opens with a ``retry:`` line unless ``retry_ms`` is ``None`` (the OpenAI
+    format: its official client cannot parse a block without ``data``).
+    """
+    if retry_ms is not None:
+        yield retry_frame(retry_ms)
+    async for batch in feed_for(context).watch(job_id, after):
         if batch is None:
             yield KEEPALIVE_FRAME
         else:
-            yield b"".join(native_frame(event) for event in batch)
+            yield b"".join(encode(event) for event in batch)
