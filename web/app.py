@@ -9,6 +9,7 @@ from services.redisconn import Broker
 from web import api, errors, health, pages, stream
 from web.context import Context
 from web.models import MAX_BODY_BYTES
+from web.openai import bp as openai_bp
 
 
 def create_app(settings: Settings, broker: Broker) -> Quart:
@@ -30,5 +31,6 @@ def create_app(settings: Settings, broker: Broker) -> Quart:
 
     for blueprint in (api.bp, stream.bp, health.bp, pages.bp):
         app.register_blueprint(blueprint)
+    app.register_blueprint(openai_bp)
     errors.install(app)
     return app

@@ -1,0 +1,190 @@
+"""``POST /v1/chat/completions``: OpenAI's chat API, answered by a tokencast job.
+
+The request creates a job like ``POST /v1/jobs``; ``stream: true`` answers
+with the job's event stream in OpenAI's chunk format (``web.openai_format``),
+``stream: false`` with one ``chat.completion`` once the job ends. Either way
+``X-Tokencast-Job`` names the job, so others can watch it, and a client that
+goes away does not cancel it (``DELETE /v1/jobs/<id>`` does). Every error on
+this route leaves in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from quart import Blueprint, Response, jsonify
+
+from services.events import DONE, FAILED
+from services.jobs import JobState
+from web.api import model_or_404, read_json, spec_from
+from web.context import Context, ctx
+from web.errors import BROKER_RETRY_AFTER_S, error_response
+from web.models import InvalidField, JobRequest, describe, validate
+from web.openai_format import ChunkEncoder, completion_body, error_body
+from web.stream import event_stream, feed_for, refuse_new_stream, stream_response
+
+bp = Blueprint("openai", __name__)
+
+JOB_HEADER = "X-Tokencast-Job"
+MAX_PROMPT_CHARS = 100_000
+
+# Fields a chat request shares with POST /v1/jobs, validated by the same rules.
+JOB_FIELDS = ("model", "max_tokens", "temperature", "seed", "metadata", "demo")
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+CHAT_RULES = {
+    "messages": 'a non-empty array of messages such as {"role": "user", "content": "hello"}',
+    "role": f"one of: {', '.join(ROLES)}",
+    "content": "a string, an array of text parts, or null (tokencast takes text only)",
+    "stream": "true or false",
+    "stream_options": 'an object such as {"include_usage": true}',
+}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    include_usage: bool | None = None
+
+
+class ChatRequest(BaseModel):
+    """The chat-only fields of OpenAI's request; OpenAI's other optional fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+
+
+def render_prompt(messages: list[ChatMessage]) -> str:
+    """The job's prompt: one ``role: content`` line per message."""
+    return "\n".join(f"{message.role}: {message.text()}" for message in messages)
+
+
+def demo_prompt(messages: list[ChatMessage]) -> str:
+    """What the ``demo`` model answers: the last user message (else the whole conversation)."""
+    for message in reversed(messages):
+        if message.role == "user" and message.text():
+            return message.text()
+    return render_prompt(messages)
+
+
+def parse_chat(body: dict[str, Any]) -> tuple[ChatRequest, JobRequest]:
+    """The chat request and the job it asks for; raises ``InvalidField``."""
+    try:
+        chat = ChatRequest.model_validate(body)
+    except ValidationError as exc:
+        raise _describe_chat(exc) from None
+    prompt = render_prompt(chat.messages)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise InvalidField(
+            "messages",
+            f"messages, rendered as role: content lines, must be at most"
+            f" {MAX_PROMPT_CHARS:,} characters (got {len(prompt):,})",
+        )
+    fields = {name: body[name] for name in JOB_FIELDS if body.get(name) is not None}
+    if chat.max_completion_tokens is not None:
+        fields["max_tokens"] = chat.max_completion_tokens
+    return chat, validate(JobRequest, {**fields, "prompt": prompt})
+
+
+def _describe_chat(exc: ValidationError) -> InvalidField:
+    error = exc.errors()[0]
+    path = [str(part) for part in error["loc"]]
+    if path[0] == "messages" and len(path) >= 3 and path[2] in CHAT_RULES:
+        field = f"messages[{path[1]}].{path[2]}"
+        return InvalidField(field, f"{field} must be {CHAT_RULES[path[2]]}")
+    if path[0] in CHAT_RULES:
+        return InvalidField(path[0], f"{path[0]} must be {CHAT_RULES[path[0]]}")
+    return describe(exc)
+
+
+@bp.post("/v1/chat/completions")
+async def chat_completions() -> Response:
+    context = ctx()
+    chat, job = parse_chat(await read_json())
+    model = model_or_404(job.model)
+    if isinstance(model, Response):
+        return model
+    if model == "demo":
+        job = job.model_copy(update={"prompt": demo_prompt(chat.messages)})
+    spec = spec_from(job, model)
+    refusal = refuse_new_stream(context)
+    if refusal is not None:
+        return refusal  # before the job exists: a retry elsewhere must not leave a twin
+    state = await context.store.create(spec)
+    headers = {JOB_HEADER: state.id}
+    if chat.stream:
+        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+        encode = ChunkEncoder.for_job(state, include_usage).frame
+        return await stream_response(event_stream(context, state.id, 0, encode, None), headers)
+    return await _completion(context, state, headers)
+
+
+async def _completion(context: Context, state: JobState, headers: dict[str, str]) -> Response:
+    """Wait for the job's ``done``, then answer with the whole completion."""
+    done = None
+    async for batch in feed_for(context).watch(state.id, 0):
+        if batch and batch[-1].name == DONE:
+            done = batch[-1].payload()
+    if done is None:
+        # The node is draining or lost the broker; the job goes on without this request.
+        message = f"this node stopped waiting for job {state.id}; GET /v1/jobs/{state.id}"
+        headers = {**headers, "Retry-After": str(BROKER_RETRY_AFTER_S)}
+        return error_response(503, "unavailable", message, headers=headers)
+    if done["status"] == FAILED:
+        error = done.get("error") or {}
+        body = error_body(502, error.get("message", "the job failed"), error.get("code"))
+        return _json(body, 502, headers)
+    return _json(completion_body(await context.store.get(state.id)), 200, headers)
+
+
+def _json(body: dict[str, Any], status: int, headers: dict[str, str]) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    response.headers.update(headers)
+    return response
+
+
+@bp.after_request
+async def openai_error_shape(response: Response) -> Response:
+    """Turn tokencast's error body into OpenAI's, whichever handler made it.
+
+    Clients of this route expect ``{"error": {"message", "type", "param",
+    "code"}}``; rewriting here covers every error path, present and future,
+    without a second set of handlers.
+    """
+    if response.status_code < 400 or not response.is_json:
+        return response
+    body = await response.get_json()
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict) and "type" not in error:
+        shaped = error_body(
+            response.status_code, error.get("message", ""), error.get("code"), error.get("param")
+        )
+        response.set_data(json.dumps(shaped, ensure_ascii=False))
+    return response
