@@ -47,6 +47,8 @@ class Settings:
     upstream_base_url: str | None = None
     upstream_api_key: str | None = None
     upstream_models: tuple[tuple[str, str], ...] = ()
+    upstream_first_token_timeout_s: float = 60.0
+    upstream_idle_timeout_s: float = 30.0
 
     DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -96,6 +98,15 @@ class Settings:
             upstream_base_url=reader.text("TOKENCAST_UPSTREAM_BASE_URL"),
             upstream_api_key=reader.text("TOKENCAST_UPSTREAM_API_KEY"),
             upstream_models=reader.model_map("TOKENCAST_UPSTREAM_MODELS"),
+            upstream_first_token_timeout_s=reader.number(
+                "TOKENCAST_UPSTREAM_FIRST_TOKEN_TIMEOUT_SECONDS",
+                float,
+                cls.upstream_first_token_timeout_s,
+                0.1,
+            ),
+            upstream_idle_timeout_s=reader.number(
+                "TOKENCAST_UPSTREAM_IDLE_TIMEOUT_SECONDS", float, cls.upstream_idle_timeout_s, 0.1
+            ),
         )
 
 

@@ -13,9 +13,17 @@ from worker.runner import Worker
 
 
 def backends_for(settings: Settings) -> dict[str, Backend]:
-    """Model name → the backend that serves it."""
+    """Model name → the backend that serves it: ``demo``, and the upstream models if configured."""
+    backends: dict[str, Backend] = {}
+    if settings.upstream_base_url and settings.upstream_models:
+        # Imported here: the SDK takes a noticeable part of a second to load.
+        from worker.backends.openai import OpenAIBackend
+
+        upstream = OpenAIBackend(settings)
+        backends.update((name, upstream) for name in upstream.models())
     demo = DemoBackend()
-    return {name: demo for name in demo.models()}
+    backends.update((name, demo) for name in demo.models())
+    return backends
 
 
 def build_worker(settings: Settings, broker: Broker) -> Worker:

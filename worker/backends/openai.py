@@ -1,0 +1,246 @@
+"""The ``openai`` backend: generate from any OpenAI-compatible model server.
+
+A job streams ``POST <TOKENCAST_UPSTREAM_BASE_URL>/chat/completions`` through
+the official ``openai`` client, with the job's prompt as one user message and
+the model name mapped by ``TOKENCAST_UPSTREAM_MODELS``. Each non-empty
+``delta.content`` becomes a token; the upstream ``finish_reason`` ends the
+generation (``length`` stays ``length``, any other reason is ``stop``).
+
+Every failure raises ``BackendError`` with a message that says what the
+upstream did, and ends the job:
+
+- ``upstream_timeout``: nothing within ``upstream_first_token_timeout_s`` of
+  the request (retries included), or silence for ``upstream_idle_timeout_s``
+  once the upstream has started answering;
+- ``backend_error``: the server cannot be reached, answers an HTTP error
+  (its own message is quoted), sends a malformed chunk or an error mid-answer,
+  or ends the stream before its ``finish_reason``.
+
+Only opening the stream is retried (connection failures, 408, 409, 429, 5xx),
+with backoff: once the upstream is answering, a retry could repeat text.
+Cancelling the task that iterates a generation (the worker does, on
+``DELETE``) closes the upstream request: the generator's ``finally`` runs
+at once if it was waiting on the upstream, or as soon as asyncio finalizes it
+if it sat at a ``yield``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+
+from services.config import Settings
+from services.errors import BackendError
+from services.jobs import JobSpec
+
+ATTEMPTS = 3
+BACKOFF_S = 0.25  # then doubled per attempt
+CONNECT_TIMEOUT_S = 10.0
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
+QUOTE_CHARS = 300  # of an upstream message or a malformed chunk
+
+TIMEOUT = "upstream_timeout"
+
+
+class OpenAIBackend:
+    """Serves the models of ``TOKENCAST_UPSTREAM_MODELS`` from the upstream server."""
+
+    def __init__(self, settings: Settings):
+        if not settings.upstream_base_url:
+            raise ValueError("the openai backend needs TOKENCAST_UPSTREAM_BASE_URL")
+        self.settings = settings
+        self.base_url = settings.upstream_base_url
+        self.upstream_names = {
+            name: upstream for name, upstream in settings.upstream_models if name != "demo"
+        }
+        # Our own deadlines bound each read; the client's would cut slow prompts short.
+        self.client = openai.AsyncOpenAI(
+            base_url=self.base_url,
+            # Local servers (vLLM, Ollama) take any key; the client insists on one.
+            api_key=settings.upstream_api_key or "unused",
+            max_retries=0,
+            timeout=openai.Timeout(None, connect=CONNECT_TIMEOUT_S),
+        )
+
+    def models(self) -> list[str]:
+        return list(self.upstream_names)
+
+    def generate(self, spec: JobSpec) -> UpstreamGeneration:
+        request: dict[str, Any] = {
+            "model": self.upstream_names[spec.model],
+            "messages": [{"role": "user", "content": spec.prompt}],
+            "max_tokens": spec.max_tokens,
+            "stream": True,
+        }
+        if spec.temperature is not None:
+            request["temperature"] = spec.temperature
+        if spec.seed is not None:
+            request["seed"] = spec.seed
+        return UpstreamGeneration(self, request)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+class UpstreamGeneration:
+    """One upstream chat completion, iterated as token texts."""
+
+    def __init__(self, backend: OpenAIBackend, request: dict[str, Any]):
+        self.backend = backend
+        self.request = request
+        self.where = f"the upstream model server at {backend.base_url}"
+        self.finish_reason = "stop"
+        self._finished = False
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        settings = self.backend.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.upstream_first_token_timeout_s
+        stream = await self._open(deadline)
+        try:
+            first = True
+            while not self._finished:
+                try:
+                    if first:
+                        async with asyncio.timeout_at(deadline):
+                            chunk = await self._next(stream)
+                    else:
+                        async with asyncio.timeout(settings.upstream_idle_timeout_s):
+                            chunk = await self._next(stream)
+                except TimeoutError:
+                    raise self._timeout(first) from None
+                if chunk is None:
+                    raise BackendError(
+                        f"{self.where} ended the stream before the answer was finished"
+                        " (no finish_reason)"
+                    )
+                first = False
+                for text in self._texts(chunk):
+                    yield text
+            await self._drain(stream)
+        finally:
+            await stream.close()
+
+    async def _open(self, deadline: float) -> openai.AsyncStream:
+        """The upstream stream, retried with backoff while it fails to open."""
+        failure = ""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                async with asyncio.timeout_at(deadline):
+                    stream: openai.AsyncStream = await self.backend.client.chat.completions.create(
+                        **self.request
+                    )
+                    return stream
+            except TimeoutError:
+                raise self._timeout(True, failure) from None
+            except openai.APIStatusError as exc:
+                failure = f"{self.where} answered HTTP {exc.status_code}: {_upstream_message(exc)}"
+                if exc.status_code not in RETRY_STATUSES:
+                    raise BackendError(failure) from exc
+            except openai.APIConnectionError as exc:
+                failure = f"could not connect to {self.where}: {_root_cause(exc)}"
+            delay = BACKOFF_S * 2 ** (attempt - 1)
+            if attempt == ATTEMPTS or asyncio.get_running_loop().time() + delay >= deadline:
+                raise BackendError(f"{failure} (tried {attempt} times)")
+            await asyncio.sleep(delay)
+
+    async def _next(self, stream: openai.AsyncStream) -> Any:
+        """The next chunk, ``None`` at the end of the stream."""
+        try:
+            return await anext(stream)
+        except StopAsyncIteration:
+            return None
+        except json.JSONDecodeError as exc:
+            raise self._malformed(exc.doc) from None
+        except openai.APIConnectionError as exc:
+            raise BackendError(
+                f"the connection to {self.where} broke mid-answer: {_root_cause(exc)}"
+            ) from exc
+        except openai.APIError as exc:
+            raise BackendError(f"{self.where} reported an error mid-answer: {exc.message}") from exc
+
+    async def _drain(self, stream: openai.AsyncStream) -> None:
+        # The answer is whole at finish_reason; reading on to [DONE] (past the
+        # usage chunk) lets the client reuse the connection for the next job.
+        with contextlib.suppress(BackendError, TimeoutError):
+            async with asyncio.timeout(self.backend.settings.upstream_idle_timeout_s):
+                while await self._next(stream) is not None:
+                    pass
+
+    def _texts(self, chunk: Any) -> list[str]:
+        """The content of the chunk's first choice; records its finish_reason."""
+        choices = getattr(chunk, "choices", None)
+        if not isinstance(choices, list):
+            raise self._malformed(_dump(chunk))
+        texts = []
+        for choice in choices[:1]:
+            delta = getattr(choice, "delta", None)
+            content = getattr(delta, "content", None) if delta is not None else None
+            if content is not None and not isinstance(content, str):
+                raise self._malformed(_dump(chunk))
+            if content:
+                texts.append(content)
+            reason = getattr(choice, "finish_reason", None)
+            if reason:
+                self.finish_reason = "length" if reason == "length" else "stop"
+                self._finished = True
+        return texts
+
+    def _timeout(self, first: bool, failure: str = "") -> BackendError:
+        settings = self.backend.settings
+        if first:
+            message = (
+                f"{self.where} sent nothing within"
+                f" {settings.upstream_first_token_timeout_s:g} s of the request"
+                " (TOKENCAST_UPSTREAM_FIRST_TOKEN_TIMEOUT_SECONDS)"
+            )
+            if failure:
+                message += f"; before that, {failure}"
+        else:
+            message = (
+                f"{self.where} stopped sending for {settings.upstream_idle_timeout_s:g} s"
+                " in the middle of the answer (TOKENCAST_UPSTREAM_IDLE_TIMEOUT_SECONDS)"
+            )
+        return BackendError(message, code=TIMEOUT)
+
+    def _malformed(self, raw: str) -> BackendError:
+        return BackendError(f"{self.where} sent a malformed chunk: {_quote(raw)}")
+
+
+def _upstream_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return _quote(body["message"])
+    if isinstance(body, str) and body.strip():
+        return _quote(body)
+    return "no message"
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason, e.g. ``connection refused``."""
+    for _ in range(20):  # a chain is short; the bound only guards against a cycle
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            break
+        exc = inner
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()
+    return str(exc) or type(exc).__name__
+
+
+def _dump(chunk: Any) -> str:
+    to_json = getattr(chunk, "to_json", None)
+    return to_json(indent=None) if callable(to_json) else repr(chunk)
+
+
+def _quote(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "…"
