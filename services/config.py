@@ -31,6 +31,7 @@ class Settings:
     port: int = 8000
     api_keys: tuple[str, ...] = ()
     secret: str | None = None
+    viewer_token_ttl_s: int = 86400
     retention_s: float = 3600.0
     keepalive_s: float = 15.0
     retry_ms: int = 1000
@@ -78,6 +79,9 @@ class Settings:
             port=reader.number("TOKENCAST_PORT", int, cls.port, 1, 65535),
             api_keys=reader.csv("TOKENCAST_API_KEYS"),
             secret=reader.text("TOKENCAST_SECRET"),
+            viewer_token_ttl_s=reader.number(
+                "TOKENCAST_VIEWER_TOKEN_TTL", int, cls.viewer_token_ttl_s, 1
+            ),
             retention_s=reader.number("TOKENCAST_RETENTION_SECONDS", float, cls.retention_s, 1),
             keepalive_s=reader.number("TOKENCAST_KEEPALIVE_SECONDS", float, cls.keepalive_s, 0.1),
             retry_ms=reader.number("TOKENCAST_RETRY_MS", int, cls.retry_ms, 0),

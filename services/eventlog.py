@@ -17,6 +17,7 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from services import metrics
 from services.errors import BrokerUnavailable, Fenced, JobFinished
 from services.events import DONE, START, TOKEN, Event, done_data, start_data, token_data
 from services.keys import Keys
@@ -29,11 +30,16 @@ RETRY_MAX_S = 1.0
 
 # Lua helpers shared by every script that writes a job's log.
 # KEYS of such a script: job, log, text, channel, viewers (``Keys.job_keys``).
+# Each published message carries the append time (the Redis clock, ms), so
+# web nodes can measure publish-to-send latency.
 LUA_LOG_LIB = """
+local clock = redis.call('TIME')
+local appended_ms = clock[1] .. string.format('%03d', math.floor(clock[2] / 1000))
+
 local function append_event(name, data, piece)
   local last = redis.call('HINCRBY', KEYS[1], 'last_event_id', 1)
   redis.call('XADD', KEYS[2], last .. '-0', 'e', name, 'd', data)
-  redis.call('PUBLISH_COMMAND', KEYS[4], last .. ' ' .. name .. ' ' .. data)
+  redis.call('PUBLISH_COMMAND', KEYS[4], last .. ' ' .. appended_ms .. ' ' .. name .. ' ' .. data)
   if name == 'token' then
     redis.call('HINCRBY', KEYS[1], 'tokens', 1)
     redis.call('APPEND', KEYS[3], piece)
@@ -174,7 +180,9 @@ class JobWriter:
             fields["error_code"] = error["code"]
             fields["error_message"] = error["message"]
         event = (DONE, done_data(status, finish_reason, self.tokens, error), "")
-        return await self._append([event], fields, expire_ms=self.retention_ms)
+        result = await self._append([event], fields, expire_ms=self.retention_ms)
+        metrics.JOBS_FINISHED.labels(status).inc()
+        return result
 
     async def _append(
         self,

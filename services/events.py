@@ -2,7 +2,7 @@
 
 An event is ``(id, name, data)``: ids are 1, 2, 3 … per job, ``name`` is
 ``start``, ``token`` or ``done``, and ``data`` is one line of compact JSON.
-On the pub/sub channel an event travels as ``"<id> <name> <data>"``.
+On the pub/sub channel an event travels as ``"<id> <appended ms> <name> <data>"``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ class Event:
     encoded once per node however many viewers receive it.
     """
 
-    __slots__ = ("data", "frames", "id", "name")
+    __slots__ = ("appended_ms", "data", "frames", "id", "name")
 
-    def __init__(self, id: int, name: str, data: str):
+    def __init__(self, id: int, name: str, data: str, appended_ms: int = 0):
         self.id = id
         self.name = name
         self.data = data
+        # When the writer appended it (Redis clock, ms); 0 when read from the log.
+        self.appended_ms = appended_ms
         self.frames: dict[str, bytes] = {}
 
     @property
@@ -49,13 +51,14 @@ class Event:
         return result
 
     def to_message(self) -> str:
-        return f"{self.id} {self.name} {self.data}"
+        return f"{self.id} {self.appended_ms} {self.name} {self.data}"
 
     @classmethod
     def from_message(cls, message: str) -> Event:
-        """Parse a pub/sub message; raises ``ValueError`` if it is not one."""
-        event_id, name, data = message.split(" ", 2)
-        return cls(int(event_id), name, data)
+        """Parse a pub/sub message ``<id> <appended ms> <name> <data>``;
+        raises ``ValueError`` if it is not one."""
+        event_id, appended_ms, name, data = message.split(" ", 3)
+        return cls(int(event_id), name, data, int(appended_ms))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Event):

@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from services import metrics
 from services.errors import BrokerUnavailable
 from services.eventlog import EventLog
 from services.events import DONE, FAILED, Event, done_data
@@ -67,10 +68,19 @@ class Feed:
         except BrokerUnavailable as exc:
             logger.warning("job %s: stream ends, %s", job_id, exc)
             return  # the client reconnects and resumes
+        metrics.OPEN_STREAMS.inc()
+        if after:
+            metrics.RESUMES.inc()
         try:
             async for batch in self._events(viewer, after):
+                if batch:
+                    metrics.EVENTS_SENT.inc(len(batch))
+                    if batch[0].appended_ms:  # live, not read from the log
+                        lag_s = time.time() - batch[0].appended_ms / 1000
+                        metrics.PUBLISH_TO_SEND.observe(max(lag_s, 0.0))
                 yield batch
         finally:
+            metrics.OPEN_STREAMS.dec()
             self.hub.detach(viewer)
 
     async def _events(self, viewer: Viewer, after: int) -> AsyncIterator[list[Event] | None]:

@@ -21,6 +21,7 @@ from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
+from services import metrics
 from services.errors import BrokerUnavailable
 from services.events import Event
 from services.keys import Keys
@@ -54,6 +55,7 @@ class Viewer:
             # Too far behind: free the buffer and catch up from the log instead.
             self._buffer.clear()
             self.overflows += 1
+            metrics.CATCH_UPS.inc()
             self.resync()
             return
         self._buffer.append(event)
@@ -192,6 +194,7 @@ class _Shard:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 self.hub.reconnects += 1
+                metrics.PUBSUB_RECONNECTS.inc()
 
     def _dispatch(self, message: dict) -> None:
         kind = message["type"]
@@ -252,7 +255,7 @@ class Hub:
 
     async def start(self) -> None:
         if self.broker.cluster:
-            await self.redis.initialize()  # type: ignore[attr-defined]  # the slot map
+            await self.redis.initialize()  # the slot map
         else:
             self._shard(MAIN_SHARD)  # connect now: readiness reflects pub/sub too
         self._tasks = [asyncio.create_task(self._counts_loop(), name="hub-counts")]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from services import metrics
 from services.errors import JobFinished, JobNotFound, QueueFull
 from services.eventlog import LUA_LOG_LIB
 from services.events import CANCELLED, TERMINAL_STATUSES, done_data
@@ -152,6 +153,7 @@ class JobStore:
                     f"{self.max_queued_jobs} jobs are already waiting for a worker"
                     " (TOKENCAST_MAX_QUEUED_JOBS)"
                 )
+        metrics.JOBS_CREATED.inc()
         return JobState(
             id=job_id,
             status=QUEUED,
@@ -226,6 +228,7 @@ class JobStore:
             outcome = await self._cancel(keys=self.keys.job_keys(job_id), args=args)
             if outcome == "cancelled":
                 await self.queue.forget_waiting(job_id)
+                metrics.JOBS_FINISHED.labels(CANCELLED).inc()
         if outcome == "gone":
             raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
         if outcome == "finished":

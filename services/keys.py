@@ -34,7 +34,7 @@ class Keys:
         return f"{self.prefix}:{{{job_id}}}:viewers"
 
     def channel(self, job_id: str) -> str:
-        """Pub/sub channel: every appended event, as ``<id> <name> <data>``."""
+        """Pub/sub channel: every appended event, as ``<id> <appended ms> <name> <data>``."""
         return f"{self.prefix}:{{{job_id}}}:events"
 
     def job_keys(self, job_id: str) -> list[str]:

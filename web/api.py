@@ -10,6 +10,7 @@ from werkzeug.exceptions import UnsupportedMediaType
 
 from services.errors import JobNotFound
 from services.jobs import JobSpec, JobState, is_job_id
+from web.auth import require_api_key, require_viewer
 from web.context import ctx
 from web.errors import error_response
 from web.models import InvalidField, JobRequest, parse_json_body, validate
@@ -65,20 +66,29 @@ def spec_from(req: JobRequest, model: str) -> JobSpec:
     )
 
 
+def viewer_token_for(job_id: str) -> str | None:
+    """A new job's viewer token, when viewer authentication is on."""
+    tokens = ctx().viewer_tokens
+    return tokens.issue(job_id) if tokens else None
+
+
 def created_body(state: JobState) -> dict[str, Any]:
+    token = viewer_token_for(state.id)
+    query = f"?token={token}" if token else ""
     return {
         "id": state.id,
         "status": state.status,
         "model": state.model,
         "created_at": state.created_at,
-        "events_url": f"/v1/jobs/{state.id}/events",
-        "watch_url": f"/watch/{state.id}",
-        "viewer_token": None,
+        "events_url": f"/v1/jobs/{state.id}/events{query}",
+        "watch_url": f"/watch/{state.id}{query}",
+        "viewer_token": token,
     }
 
 
 @bp.post("/v1/jobs")
 async def create_job() -> Response:
+    require_api_key()
     req = validate(JobRequest, await read_json())
     model = model_or_404(req.model)
     if isinstance(model, Response):
@@ -92,12 +102,15 @@ async def create_job() -> Response:
 
 @bp.get("/v1/jobs/<job_id>")
 async def get_job(job_id: str) -> Response:
-    state = await ctx().store.get(job_id_or_404(job_id))
+    job_id = job_id_or_404(job_id)
+    require_viewer(job_id)
+    state = await ctx().store.get(job_id)
     return jsonify(state.to_api())
 
 
 @bp.delete("/v1/jobs/<job_id>")
 async def cancel_job(job_id: str) -> Response:
+    require_api_key()
     state = await ctx().store.cancel(job_id_or_404(job_id))
     response = jsonify(state.to_api())
     response.status_code = 202

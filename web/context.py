@@ -15,6 +15,7 @@ from services.jobs import JobStore
 from services.keys import Keys
 from services.reaper import Reaper
 from services.redisconn import Broker, Redis
+from services.viewer_tokens import ViewerTokens
 
 
 @dataclass
@@ -26,6 +27,7 @@ class Context:
     log: EventLog
     hub: Hub
     reaper: Reaper
+    viewer_tokens: ViewerTokens | None = None
     draining: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -50,7 +52,10 @@ class Context:
             lease_s=settings.lease_s,
             retention_s=settings.retention_s,
         )
-        return cls(settings, redis, keys, store, EventLog(redis, keys), hub, reaper)
+        tokens = (
+            ViewerTokens(settings.secret, settings.viewer_token_ttl_s) if settings.secret else None
+        )
+        return cls(settings, redis, keys, store, EventLog(redis, keys), hub, reaper, tokens)
 
     async def start(self) -> None:
         await self.hub.start()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from services.errors import BrokerUnavailable, JobFinished, JobNotFound, QueueFull
 from services.resume import InvalidLastEventId
+from web.auth import AccessDenied
 from web.models import MAX_BODY_BYTES, InvalidField
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ def install(app: Quart) -> None:
     @app.errorhandler(InvalidField)
     async def invalid_field(exc: InvalidField) -> Response:
         return error_response(400, "invalid_request", exc.message, param=exc.field)
+
+    @app.errorhandler(AccessDenied)
+    async def access_denied(exc: AccessDenied) -> Response:
+        # Read the body before refusing: a load balancer reuses this connection.
+        await request.get_data()
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return error_response(exc.status, exc.code, exc.message, headers=headers)
 
     @app.errorhandler(InvalidLastEventId)
     async def invalid_last_event_id(exc: InvalidLastEventId) -> Response:

@@ -1,4 +1,5 @@
-"""``/healthz`` (the process is up) and ``/readyz`` (it can serve: broker reachable)."""
+"""``/healthz`` (the process is up), ``/readyz`` (it can serve: broker
+reachable, not draining) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 
 from quart import Blueprint, Response, jsonify
 
+from services import metrics
+from services.errors import BrokerUnavailable
 from services.redisconn import BROKER_IO_ERRORS
 from web.context import ctx
 from web.errors import error_response
@@ -18,6 +21,17 @@ PING_TIMEOUT_S = 1.0
 @bp.get("/healthz")
 async def healthz() -> Response:
     return jsonify({"status": "ok"})
+
+
+@bp.get("/metrics")
+async def prometheus_metrics() -> Response:
+    """Prometheus text format; the queue depth is read from the broker at scrape time."""
+    try:
+        metrics.QUEUE_DEPTH.set(await ctx().store.queue.depth())
+    except BrokerUnavailable:
+        pass  # keep the last known depth; the other metrics still matter
+    body, content_type = metrics.render()
+    return Response(body, content_type=content_type)
 
 
 @bp.get("/readyz")

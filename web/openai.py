@@ -18,7 +18,8 @@ from quart import Blueprint, Response, jsonify
 
 from services.events import DONE, FAILED
 from services.jobs import JobState
-from web.api import model_or_404, read_json, spec_from
+from web.api import model_or_404, read_json, spec_from, viewer_token_for
+from web.auth import require_api_key
 from web.context import Context, ctx
 from web.errors import BROKER_RETRY_AFTER_S, error_response
 from web.models import InvalidField, JobRequest, describe, validate
@@ -28,6 +29,7 @@ from web.stream import event_stream, feed_for, refuse_new_stream, stream_respons
 bp = Blueprint("openai", __name__)
 
 JOB_HEADER = "X-Tokencast-Job"
+VIEWER_TOKEN_HEADER = "X-Tokencast-Viewer-Token"
 MAX_PROMPT_CHARS = 100_000
 
 # Fields a chat request shares with POST /v1/jobs, validated by the same rules.
@@ -126,6 +128,7 @@ def _describe_chat(exc: ValidationError) -> InvalidField:
 @bp.post("/v1/chat/completions")
 async def chat_completions() -> Response:
     context = ctx()
+    require_api_key()
     chat, job = parse_chat(await read_json())
     model = model_or_404(job.model)
     if isinstance(model, Response):
@@ -138,6 +141,8 @@ async def chat_completions() -> Response:
         return refusal  # before the job exists: a retry elsewhere must not leave a twin
     state = await context.store.create(spec)
     headers = {JOB_HEADER: state.id}
+    if token := viewer_token_for(state.id):
+        headers[VIEWER_TOKEN_HEADER] = token
     if chat.stream:
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         encode = ChunkEncoder.for_job(state, include_usage).frame

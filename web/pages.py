@@ -17,6 +17,7 @@ from pathlib import Path
 from quart import Blueprint, Response, send_from_directory
 
 from services.jobs import is_job_id
+from web.auth import require_viewer
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -54,6 +55,7 @@ async def watch_page(job_id: str) -> Response:
     expired job gets the page (which says so in words). A malformed id cannot
     name any job: the same page, with status ``404``."""
     if is_job_id(job_id):
+        require_viewer(job_id)
         return await send_from_directory(STATIC, "watch.html")
     response: Response = await send_from_directory(STATIC, "watch.html", conditional=False)
     response.status_code = 404

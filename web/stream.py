@@ -10,6 +10,7 @@ from services.events import Event
 from services.feed import Feed
 from services.resume import parse_last_event_id
 from web.api import job_id_or_404
+from web.auth import require_viewer
 from web.context import Context, ctx
 from web.errors import BROKER_RETRY_AFTER_S, error_response
 from web.openai_format import ChunkEncoder, include_usage_param
@@ -32,6 +33,7 @@ async def job_events(job_id: str) -> Response:
             400, "invalid_request", f"format must be one of: {', '.join(FORMATS)}", param="format"
         )
     job_id = job_id_or_404(job_id)
+    require_viewer(job_id)
     refusal = refuse_new_stream(context)
     if refusal is not None:
         return refusal
