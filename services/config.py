@@ -32,6 +32,10 @@ class Settings:
     api_keys: tuple[str, ...] = ()
     secret: str | None = None
     viewer_token_ttl_s: int = 86400
+    cors_origins: tuple[str, ...] = ()
+    create_rate_per_minute: int = 600
+    max_streams_per_client: int = 1000
+    trust_proxy: bool = False
     retention_s: float = 3600.0
     keepalive_s: float = 15.0
     retry_ms: int = 1000
@@ -82,6 +86,14 @@ class Settings:
             viewer_token_ttl_s=reader.number(
                 "TOKENCAST_VIEWER_TOKEN_TTL", int, cls.viewer_token_ttl_s, 1
             ),
+            cors_origins=reader.csv("TOKENCAST_CORS_ORIGINS"),
+            create_rate_per_minute=reader.number(
+                "TOKENCAST_CREATE_RATE_PER_MINUTE", int, cls.create_rate_per_minute, 1
+            ),
+            max_streams_per_client=reader.number(
+                "TOKENCAST_MAX_STREAMS_PER_CLIENT", int, cls.max_streams_per_client, 1
+            ),
+            trust_proxy=reader.flag("TOKENCAST_TRUST_PROXY"),
             retention_s=reader.number("TOKENCAST_RETENTION_SECONDS", float, cls.retention_s, 1),
             keepalive_s=reader.number("TOKENCAST_KEEPALIVE_SECONDS", float, cls.keepalive_s, 0.1),
             retry_ms=reader.number("TOKENCAST_RETRY_MS", int, cls.retry_ms, 0),

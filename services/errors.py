@@ -5,6 +5,7 @@
     ├── BrokerUnavailable      Redis cannot be reached (web: 503)
     ├── JobNotFound            unknown or expired job id (web: 404)
     ├── QueueFull              TOKENCAST_MAX_QUEUED_JOBS reached (web: 429)
+    ├── RateLimited            a per-client limit reached (web: 429 + Retry-After)
     ├── JobFinished            the job already ended, e.g. cancel (web: 409)
     ├── Fenced                 this writer lost the job's lease; it must stop
     └── BackendError           a model backend failed; ``code`` goes in ``done``
@@ -14,6 +15,8 @@ above ``services`` never catch a redis-py exception.
 """
 
 from __future__ import annotations
+
+import math
 
 
 class TokencastError(Exception):
@@ -34,6 +37,15 @@ class JobNotFound(TokencastError):
 
 class QueueFull(TokencastError):
     """Too many jobs are waiting for a worker."""
+
+
+class RateLimited(TokencastError):
+    """A client went over one of its limits; it may retry after ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = max(1, math.ceil(retry_after_s))
 
 
 class JobFinished(TokencastError):

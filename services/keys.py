@@ -65,4 +65,11 @@ class Keys:
         return f"{self.prefix}:{{queue}}:leases"
 
 
+    # Limits.
+    def rate(self, subject: str, window: int) -> str:
+        """Counter of jobs created by ``subject`` (a hashed API key or an address)
+        in the minute ``window``."""
+        return f"{self.prefix}:rate:{subject}:{window}"
+
+
 QUEUE_GROUP = "workers"

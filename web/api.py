@@ -13,6 +13,7 @@ from services.jobs import JobSpec, JobState, is_job_id
 from web.auth import require_api_key, require_viewer
 from web.context import ctx
 from web.errors import error_response
+from web.limits import check_create_rate
 from web.models import InvalidField, JobRequest, parse_json_body, validate
 
 bp = Blueprint("api", __name__)
@@ -89,6 +90,7 @@ def created_body(state: JobState) -> dict[str, Any]:
 @bp.post("/v1/jobs")
 async def create_job() -> Response:
     require_api_key()
+    await check_create_rate()
     req = validate(JobRequest, await read_json())
     model = model_or_404(req.model)
     if isinstance(model, Response):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from quart import Quart
+from quart_cors import cors
 
 from services.config import Settings
 from services.redisconn import Broker
@@ -33,4 +34,20 @@ def create_app(settings: Settings, broker: Broker) -> Quart:
         app.register_blueprint(blueprint)
     app.register_blueprint(openai_bp)
     errors.install(app)
+    if settings.cors_origins:
+        allow_cross_origin(app, settings.cors_origins)
     return app
+
+
+def allow_cross_origin(app: Quart, origins: tuple[str, ...]) -> None:
+    """Let pages on ``origins`` call the API and open event streams
+    (TOKENCAST_CORS_ORIGINS); other origins get no CORS headers, so browsers
+    refuse them."""
+    cors(
+        app,
+        allow_origin=list(origins),
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        allow_methods=["GET", "POST", "DELETE"],
+        expose_headers=["Location", "Retry-After", "X-Tokencast-Job", "X-Tokencast-Viewer-Token"],
+        max_age=600,
+    )

@@ -13,6 +13,7 @@ from services.eventlog import EventLog
 from services.hub import Hub
 from services.jobs import JobStore
 from services.keys import Keys
+from services.limits import StreamsPerClient
 from services.reaper import Reaper
 from services.redisconn import Broker, Redis
 from services.viewer_tokens import ViewerTokens
@@ -28,6 +29,7 @@ class Context:
     hub: Hub
     reaper: Reaper
     viewer_tokens: ViewerTokens | None = None
+    client_streams: StreamsPerClient = field(default_factory=lambda: StreamsPerClient(1000))
     draining: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -55,7 +57,17 @@ class Context:
         tokens = (
             ViewerTokens(settings.secret, settings.viewer_token_ttl_s) if settings.secret else None
         )
-        return cls(settings, redis, keys, store, EventLog(redis, keys), hub, reaper, tokens)
+        return cls(
+            settings,
+            redis,
+            keys,
+            store,
+            EventLog(redis, keys),
+            hub,
+            reaper,
+            tokens,
+            StreamsPerClient(settings.max_streams_per_client),
+        )
 
     async def start(self) -> None:
         await self.hub.start()

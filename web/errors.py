@@ -7,7 +7,7 @@ import logging
 from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from services.errors import BrokerUnavailable, JobFinished, JobNotFound, QueueFull
+from services.errors import BrokerUnavailable, JobFinished, JobNotFound, QueueFull, RateLimited
 from services.resume import InvalidLastEventId
 from web.auth import AccessDenied
 from web.models import MAX_BODY_BYTES, InvalidField
@@ -69,6 +69,12 @@ def install(app: Quart) -> None:
     @app.errorhandler(JobFinished)
     async def job_finished(exc: JobFinished) -> Response:
         return error_response(409, "job_finished", str(exc))
+
+    @app.errorhandler(RateLimited)
+    async def rate_limited(exc: RateLimited) -> Response:
+        await request.get_data()  # keep a load balancer's connection clean
+        headers = {"Retry-After": str(exc.retry_after_s)}
+        return error_response(429, "rate_limited", exc.message, headers=headers)
 
     @app.errorhandler(QueueFull)
     async def queue_full(exc: QueueFull) -> Response:

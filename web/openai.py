@@ -22,6 +22,7 @@ from web.api import model_or_404, read_json, spec_from, viewer_token_for
 from web.auth import require_api_key
 from web.context import Context, ctx
 from web.errors import BROKER_RETRY_AFTER_S, error_response
+from web.limits import check_create_rate
 from web.models import InvalidField, JobRequest, describe, validate
 from web.openai_format import ChunkEncoder, completion_body, error_body
 from web.stream import event_stream, feed_for, refuse_new_stream, stream_response
@@ -129,6 +130,7 @@ def _describe_chat(exc: ValidationError) -> InvalidField:
 async def chat_completions() -> Response:
     context = ctx()
     require_api_key()
+    await check_create_rate()
     chat, job = parse_chat(await read_json())
     model = model_or_404(job.model)
     if isinstance(model, Response):

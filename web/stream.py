@@ -13,6 +13,7 @@ from web.api import job_id_or_404
 from web.auth import require_viewer
 from web.context import Context, ctx
 from web.errors import BROKER_RETRY_AFTER_S, error_response
+from web.limits import client_address
 from web.openai_format import ChunkEncoder, include_usage_param
 from web.sse import HEADERS, KEEPALIVE_FRAME, native_frame, retry_frame
 
@@ -75,6 +76,7 @@ def refuse_new_stream(context: Context) -> Response | None:
     if not context.hub.healthy():
         message = "the broker is unreachable; retry shortly"
         return error_response(503, "broker_unavailable", message, headers=headers)
+    context.client_streams.check(client_address())
     if context.hub.viewer_total >= context.settings.max_streams:
         message = (
             f"this node has {context.settings.max_streams} open streams"
@@ -96,7 +98,7 @@ def feed_for(context: Context) -> Feed:
     )
 
 
-async def event_stream(
+def event_stream(
     context: Context,
     job_id: str,
     after: int,
@@ -108,10 +110,26 @@ async def event_stream(
     Opens with a ``retry:`` line unless ``retry_ms`` is ``None`` (the OpenAI
     format: its official client cannot parse a block without ``data``).
     """
-    if retry_ms is not None:
-        yield retry_frame(retry_ms)
-    async for batch in feed_for(context).watch(job_id, after):
-        if batch is None:
-            yield KEEPALIVE_FRAME
-        else:
-            yield b"".join(encode(event) for event in batch)
+    # Read now: the generator runs after the handler returns, outside the request.
+    return _event_stream(context, job_id, after, encode, retry_ms, client_address())
+
+
+async def _event_stream(
+    context: Context,
+    job_id: str,
+    after: int,
+    encode: Callable[[Event], bytes],
+    retry_ms: int | None,
+    address: str,
+) -> AsyncIterator[bytes]:
+    context.client_streams.opened(address)
+    try:
+        if retry_ms is not None:
+            yield retry_frame(retry_ms)
+        async for batch in feed_for(context).watch(job_id, after):
+            if batch is None:
+                yield KEEPALIVE_FRAME
+            else:
+                yield b"".join(encode(event) for event in batch)
+    finally:
+        context.client_streams.closed(address)

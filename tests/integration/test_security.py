@@ -194,3 +194,101 @@ def test_metrics_count_what_happened(redis_url):
         assert "tokencast_queue_depth" in text
     finally:
         cluster.close()
+
+
+@pytest.fixture(scope="module")
+def limited(redis_url):
+    cluster = Cluster(
+        redis_url,
+        api_keys="key-a,key-b",
+        create_rate_per_minute="3",
+        max_streams_per_client="2",
+        max_streams="3",
+        cors_origins="http://allowed.example",
+        trust_proxy="1",
+    )
+    try:
+        cluster.web()
+        yield cluster.procs[0].url
+    finally:
+        cluster.close()
+
+
+def test_job_creation_rate_per_api_key(limited):
+    for _ in range(3):
+        assert create(limited, auth("key-a")).status_code == 201
+    refused = create(limited, auth("key-a"))
+    assert refused.status_code == 429
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.json()["error"] == {
+        "code": "rate_limited",
+        "message": "more than 3 jobs created this minute (TOKENCAST_CREATE_RATE_PER_MINUTE)",
+    }
+    assert create(limited, auth("key-b")).status_code == 201  # another key, its own budget
+
+
+def test_open_streams_per_client_and_per_node(limited):
+    job_id = create(limited, auth("key-b")).json()["id"]  # no worker: it stays queued
+    events = f"{limited}/v1/jobs/{job_id}/events"
+    with httpx.Client(timeout=10) as client:
+        first = client.send(client.build_request("GET", events), stream=True)
+        second = client.send(client.build_request("GET", events), stream=True)
+        refused = client.get(events)
+        assert refused.status_code == 429
+        assert refused.headers["Retry-After"] == "2"
+        assert refused.json()["error"]["message"] == (
+            "2 streams are already open from your address on this node"
+            " (TOKENCAST_MAX_STREAMS_PER_CLIENT)"
+        )
+        first.close()
+
+        def opens() -> bool:
+            response = client.send(client.build_request("GET", events), stream=True)
+            response.close()
+            return response.status_code == 200
+
+        wait_until(opens, 5, what="the closed stream's slot to free")
+        second.close()
+    # Behind a trusted proxy each client is its forwarded address; the node's
+    # own limit (3 streams) answers 503, so a load balancer moves on.
+    with httpx.Client(timeout=10) as client:
+        held = [
+            client.send(
+                client.build_request(
+                    "GET", events, headers={"X-Forwarded-For": f"203.0.113.9, 10.0.0.{n}"}
+                ),
+                stream=True,
+            )
+            for n in range(3)
+        ]
+        assert [response.status_code for response in held] == [200, 200, 200]
+        full = client.get(events, headers={"X-Forwarded-For": "10.0.0.9"})
+        assert full.status_code == 503
+        assert full.headers["Retry-After"] == "2"
+        assert full.json()["error"]["code"] == "too_many_streams"
+        for response in held:
+            response.close()
+
+
+def test_cors_preflight_and_headers(limited):
+    preflight = httpx.options(
+        f"{limited}/v1/jobs",
+        headers={
+            "Origin": "http://allowed.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["Access-Control-Allow-Origin"] == "http://allowed.example"
+    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
+    allowed = httpx.get(f"{limited}/v1/models", headers={"Origin": "http://allowed.example"})
+    assert allowed.headers["Access-Control-Allow-Origin"] == "http://allowed.example"
+    refused = httpx.get(f"{limited}/v1/models", headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in refused.headers
+
+
+def test_oversize_headers_are_refused_and_the_node_stays_healthy(limited):
+    response = httpx.get(f"{limited}/v1/models", headers={"X-Big": "a" * 100_000})
+    assert response.status_code in (400, 431)
+    assert httpx.get(f"{limited}/healthz").status_code == 200
