@@ -6,15 +6,18 @@ import time
 from typing import Any
 
 from quart import Blueprint, Response, jsonify, request
+from quart_schema import document_request, document_response
 from werkzeug.exceptions import UnsupportedMediaType
 
 from services.errors import JobNotFound
 from services.jobs import JobSpec, JobState, is_job_id
+from services.logs import job_created, set_job_id
 from web.auth import require_api_key, require_viewer
 from web.context import ctx
 from web.errors import error_response
 from web.limits import check_create_rate
 from web.models import InvalidField, JobRequest, parse_json_body, validate
+from web.schemas import ErrorBody, JobCreated, JobStateBody, ModelList
 
 bp = Blueprint("api", __name__)
 
@@ -36,6 +39,7 @@ async def read_json() -> dict[str, Any]:
 def job_id_or_404(job_id: str) -> str:
     if not is_job_id(job_id):
         raise JobNotFound("no job with that id (job ids are 22 URL-safe characters)")
+    set_job_id(job_id)
     return job_id
 
 
@@ -88,6 +92,9 @@ def created_body(state: JobState) -> dict[str, Any]:
 
 
 @bp.post("/v1/jobs")
+@document_request(JobRequest)
+@document_response(JobCreated, 201)
+@document_response(ErrorBody, 400)
 async def create_job() -> Response:
     require_api_key()
     await check_create_rate()
@@ -96,6 +103,7 @@ async def create_job() -> Response:
     if isinstance(model, Response):
         return model
     state = await ctx().store.create(spec_from(req, model))
+    job_created(state.id, state.model, req.prompt)
     response = jsonify(created_body(state))
     response.status_code = 201
     response.headers["Location"] = f"/v1/jobs/{state.id}"
@@ -103,6 +111,8 @@ async def create_job() -> Response:
 
 
 @bp.get("/v1/jobs/<job_id>")
+@document_response(JobStateBody)
+@document_response(ErrorBody, 404)
 async def get_job(job_id: str) -> Response:
     job_id = job_id_or_404(job_id)
     require_viewer(job_id)
@@ -111,6 +121,8 @@ async def get_job(job_id: str) -> Response:
 
 
 @bp.delete("/v1/jobs/<job_id>")
+@document_response(JobStateBody, 202)
+@document_response(ErrorBody, 409)
 async def cancel_job(job_id: str) -> Response:
     require_api_key()
     state = await ctx().store.cancel(job_id_or_404(job_id))
@@ -120,6 +132,7 @@ async def cancel_job(job_id: str) -> Response:
 
 
 @bp.get("/v1/models")
+@document_response(ModelList)
 async def list_models() -> Response:
     data = [
         {"id": name, "object": "model", "created": STARTED_AT, "owned_by": "tokencast"}

@@ -11,6 +11,7 @@ from web import api, errors, health, pages, stream
 from web.context import Context
 from web.models import MAX_BODY_BYTES
 from web.openai import bp as openai_bp
+from web.schemas import install_openapi
 
 
 def create_app(settings: Settings, broker: Broker) -> Quart:
@@ -34,6 +35,7 @@ def create_app(settings: Settings, broker: Broker) -> Quart:
         app.register_blueprint(blueprint)
     app.register_blueprint(openai_bp)
     errors.install(app)
+    install_openapi(app)
     if settings.cors_origins:
         allow_cross_origin(app, settings.cors_origins)
     return app

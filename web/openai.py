@@ -15,9 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from quart import Blueprint, Response, jsonify
+from quart_schema import document_request
 
 from services.events import DONE, FAILED
 from services.jobs import JobState
+from services.logs import job_created
 from web.api import model_or_404, read_json, spec_from, viewer_token_for
 from web.auth import require_api_key
 from web.context import Context, ctx
@@ -127,6 +129,7 @@ def _describe_chat(exc: ValidationError) -> InvalidField:
 
 
 @bp.post("/v1/chat/completions")
+@document_request(ChatRequest)
 async def chat_completions() -> Response:
     context = ctx()
     require_api_key()
@@ -142,6 +145,7 @@ async def chat_completions() -> Response:
     if refusal is not None:
         return refusal  # before the job exists: a retry elsewhere must not leave a twin
     state = await context.store.create(spec)
+    job_created(state.id, state.model, spec.prompt)
     headers = {JOB_HEADER: state.id}
     if token := viewer_token_for(state.id):
         headers[VIEWER_TOKEN_HEADER] = token

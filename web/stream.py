@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 
 from quart import Blueprint, Response, make_response, request
+from quart_schema import document_querystring, document_response
 
 from services.events import Event
 from services.feed import Feed
@@ -15,6 +16,7 @@ from web.context import Context, ctx
 from web.errors import BROKER_RETRY_AFTER_S, error_response
 from web.limits import client_address
 from web.openai_format import ChunkEncoder, include_usage_param
+from web.schemas import ErrorBody, EventsQuery
 from web.sse import HEADERS, KEEPALIVE_FRAME, native_frame, retry_frame
 
 bp = Blueprint("stream", __name__)
@@ -23,6 +25,8 @@ FORMATS = ("native", "openai")
 
 
 @bp.get("/v1/jobs/<job_id>/events")
+@document_querystring(EventsQuery)
+@document_response(ErrorBody, 400)
 async def job_events(job_id: str) -> Response:
     context = ctx()
     after = parse_last_event_id(
