@@ -36,6 +36,7 @@ class Settings:
     create_rate_per_minute: int = 600
     max_streams_per_client: int = 1000
     trust_proxy: bool = False
+    worker_metrics_port: int = 0
     retention_s: float = 3600.0
     keepalive_s: float = 15.0
     retry_ms: int = 1000
@@ -94,6 +95,9 @@ class Settings:
                 "TOKENCAST_MAX_STREAMS_PER_CLIENT", int, cls.max_streams_per_client, 1
             ),
             trust_proxy=reader.flag("TOKENCAST_TRUST_PROXY"),
+            worker_metrics_port=reader.number(
+                "TOKENCAST_WORKER_METRICS_PORT", int, cls.worker_metrics_port, 0, 65535
+            ),
             retention_s=reader.number("TOKENCAST_RETENTION_SECONDS", float, cls.retention_s, 1),
             keepalive_s=reader.number("TOKENCAST_KEEPALIVE_SECONDS", float, cls.keepalive_s, 0.1),
             retry_ms=reader.number("TOKENCAST_RETRY_MS", int, cls.retry_ms, 0),

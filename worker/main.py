@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import signal
 
+from prometheus_client import start_http_server
+
 from services.config import Settings
 from services.redisconn import Broker
 from worker.backends.base import Backend
@@ -38,6 +40,9 @@ def build_worker(settings: Settings, broker: Broker) -> Worker:
 async def run_worker(settings: Settings, broker: Broker) -> None:
     """Run until SIGTERM/SIGINT: stop claiming, finish held jobs within the drain time, exit."""
     worker = build_worker(settings, broker)
+    if settings.worker_metrics_port:
+        # Workers serve no HTTP otherwise: Prometheus scrapes them here.
+        start_http_server(settings.worker_metrics_port, addr=settings.host)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)

@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 
+from services import metrics
 from services.config import Settings
 from services.errors import BackendError, BrokerUnavailable, Fenced, JobFinished
 from services.eventlog import JobWriter
@@ -115,9 +116,19 @@ class Worker:
             for claim in claims:
                 task = asyncio.create_task(self.run_job(claim), name=f"job-{claim.job_id}")
                 self.running.add(task)
-                task.add_done_callback(self.running.discard)
+                task.add_done_callback(self._job_done)
+            self._count_slots()
             if not claims and not self.blocking_reads:
                 await asyncio.sleep(POLL_S)
+
+    def _job_done(self, task: asyncio.Task) -> None:
+        self.running.discard(task)
+        self._count_slots()
+
+    def _count_slots(self) -> None:
+        busy = len(self.running)
+        metrics.WORKER_SLOTS.labels("busy").set(busy)
+        metrics.WORKER_SLOTS.labels("idle").set(self.settings.worker_concurrency - busy)
 
     async def _drain(self) -> None:
         if not self.running:

@@ -292,3 +292,31 @@ def test_oversize_headers_are_refused_and_the_node_stays_healthy(limited):
     response = httpx.get(f"{limited}/v1/models", headers={"X-Big": "a" * 100_000})
     assert response.status_code in (400, 431)
     assert httpx.get(f"{limited}/healthz").status_code == 200
+
+
+def test_worker_metrics_port(redis_url):
+    from tests.support import free_port
+
+    port = free_port()
+    cluster = Cluster(redis_url)
+    try:
+        web = cluster.web()
+        cluster.worker(worker_metrics_port=str(port), worker_concurrency="4")
+        job = httpx.post(
+            f"{web.url}/v1/jobs",
+            json={"prompt": "w", "max_tokens": 3, "demo": {"tokens_per_second": 0}},
+        ).json()
+        wait_finished(web.url, job["id"])
+        url = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: counter(url, "tokencast_jobs_finished", status="completed") == 1,
+            5,
+            what="jobs_finished",
+        )
+        families = {
+            f.name: f for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+        }
+        slots = {s.labels["state"]: s.value for s in families["tokencast_worker_slots"].samples}
+        assert slots == {"busy": 0.0, "idle": 4.0}
+    finally:
+        cluster.close()

@@ -35,6 +35,7 @@ from typing import Any
 
 import openai
 
+from services import metrics
 from services.config import Settings
 from services.errors import BackendError
 from services.jobs import JobSpec
@@ -101,6 +102,7 @@ class UpstreamGeneration:
     async def __aiter__(self) -> AsyncIterator[str]:
         settings = self.backend.settings
         loop = asyncio.get_running_loop()
+        requested_at: float | None = loop.time()
         deadline = loop.time() + settings.upstream_first_token_timeout_s
         stream = await self._open(deadline)
         try:
@@ -122,6 +124,9 @@ class UpstreamGeneration:
                     )
                 first = False
                 for text in self._texts(chunk):
+                    if requested_at is not None:
+                        metrics.UPSTREAM_FIRST_TOKEN.observe(loop.time() - requested_at)
+                        requested_at = None
                     yield text
             await self._drain(stream)
         finally:
