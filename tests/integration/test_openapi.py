@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import Cluster
 from web.models import JobRequest
 from web.schemas import JobCreated, JobStateBody
 
@@ -18,18 +17,13 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
-def node(redis_url):
-    cluster = Cluster(redis_url)
-    try:
-        cluster.web()
-        cluster.worker()
-        yield cluster.procs[0].url
-    finally:
-        cluster.close()
+def url(node) -> str:
+    """The web node of conftest's module-wide node (a web process and a worker)."""
+    return str(node.procs[0].url)
 
 
-def test_document_describes_the_api_with_the_validating_models(node):
-    document = httpx.get(f"{node}/openapi.json").json()
+def test_document_describes_the_api_with_the_validating_models(url):
+    document = httpx.get(f"{url}/openapi.json").json()
     paths = document["paths"]
     for path in (
         "/v1/jobs",
@@ -46,26 +40,26 @@ def test_document_describes_the_api_with_the_validating_models(node):
     assert schema["required"] == ["prompt"]
     assert set(create["responses"]) >= {"201", "400"}
     assert "/docs" not in paths
-    assert httpx.get(f"{node}/docs").status_code == 200
+    assert httpx.get(f"{url}/docs").status_code == 200
 
 
-def test_responses_match_their_documented_models(node):
-    created = httpx.post(f"{node}/v1/jobs", json={"prompt": "x", "max_tokens": 2}).json()
+def test_responses_match_their_documented_models(url):
+    created = httpx.post(f"{url}/v1/jobs", json={"prompt": "x", "max_tokens": 2}).json()
     JobCreated.model_validate(created)
-    JobStateBody.model_validate(httpx.get(f"{node}/v1/jobs/{created['id']}").json())
+    JobStateBody.model_validate(httpx.get(f"{url}/v1/jobs/{created['id']}").json())
 
 
 @pytest.mark.skipif(
     shutil.which("schemathesis", path=str(Path(sys.executable).parent)) is None,
     reason="schemathesis is not installed",
 )
-def test_fuzzing_the_api_never_gets_a_server_error(node):
+def test_fuzzing_the_api_never_gets_a_server_error(url):
     # Streaming endpoints are left out: a valid request to them never ends.
     result = subprocess.run(
         [
             str(Path(sys.executable).parent / "schemathesis"),
             "run",
-            f"{node}/openapi.json",
+            f"{url}/openapi.json",
             "--checks",
             "not_a_server_error",
             "--max-examples",
@@ -84,4 +78,4 @@ def test_fuzzing_the_api_never_gets_a_server_error(node):
     summary = result.stdout[-1500:]
     assert result.returncode == 0, summary
     assert " passed" in summary and "failed" not in summary.split("Test cases:")[-1].split("\n")[1]
-    assert httpx.get(f"{node}/readyz").status_code == 200
+    assert httpx.get(f"{url}/readyz").status_code == 200

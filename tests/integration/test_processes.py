@@ -114,6 +114,18 @@ def run_cli(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedP
     )
 
 
+def start_cli(*args: str, env: dict) -> subprocess.Popen:
+    """A terminal client running in the background, its output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_cli_submit_watch_prints_the_text_and_exits_by_status(cluster):
     web = cluster.web()
     cluster.worker()
@@ -138,14 +150,7 @@ def test_cli_submit_watch_prints_the_text_and_exits_by_status(cluster):
     assert "backend_error" in result.stderr.splitlines()[-1]
 
     slow = create_job(web.url, max_tokens=500, demo={"tokens_per_second": 5})
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "watch", slow],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    watcher = start_cli("watch", slow, env=env)
     wait_until(lambda: job_state(web.url, slow)["tokens"] >= 2, 10, what="tokens")
     httpx.delete(f"{web.url}/v1/jobs/{slow}")
     assert watcher.wait(10) == 2
@@ -170,14 +175,7 @@ def test_cli_watch_resumes_after_the_node_restarts(cluster):
     cluster.worker()
     env = cluster.env(URL=web.url)
     job_id = create_job(web.url, max_tokens=120, demo={"tokens_per_second": 30})
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "watch", job_id],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    watcher = start_cli("watch", job_id, env=env)
     wait_until(lambda: job_state(web.url, job_id)["tokens"] >= 20, 10, what="20 tokens")
     web.signal(signal.SIGKILL)
     web.wait(5)
