@@ -15,6 +15,7 @@ import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
+from services import logs
 from services.config import Settings
 from services.errors import SettingsError
 
@@ -33,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"tokencast: bad setting: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(settings)
     host = getattr(args, "host", None) or settings.host
     port = getattr(args, "port", None) or settings.port
     if args.command == "dev":

@@ -50,6 +50,8 @@ class Settings:
     worker_concurrency: int = 32
     key_prefix: str = "tokencast"
     node_id: str = field(default_factory=lambda: secrets.token_hex(6))
+    log_format: str = "text"
+    log_prompts: bool = False
     upstream_base_url: str | None = None
     upstream_api_key: str | None = None
     upstream_models: tuple[tuple[str, str], ...] = ()
@@ -115,6 +117,8 @@ class Settings:
             ),
             key_prefix=reader.text("TOKENCAST_KEY_PREFIX") or cls.key_prefix,
             node_id=reader.text("TOKENCAST_NODE_ID") or secrets.token_hex(6),
+            log_format=reader.choice("TOKENCAST_LOG_FORMAT", ("text", "json")),
+            log_prompts=reader.flag("TOKENCAST_LOG_PROMPTS"),
             upstream_base_url=reader.text("TOKENCAST_UPSTREAM_BASE_URL"),
             upstream_api_key=reader.text("TOKENCAST_UPSTREAM_API_KEY"),
             upstream_models=reader.model_map("TOKENCAST_UPSTREAM_MODELS"),
@@ -145,6 +149,13 @@ class _Reader:
         if raw not in ("0", "1", "true", "false", "yes", "no"):
             raise SettingsError(f"{name}={raw!r} must be 1 or 0")
         return raw in ("1", "true", "yes")
+
+    def choice(self, name: str, choices: tuple[str, ...]) -> str:
+        """One of ``choices`` (any case); the first when unset."""
+        raw = self.text(name) or choices[0]
+        if raw.lower() not in choices:
+            raise SettingsError(f"{name}={raw!r} must be one of: {', '.join(choices)}")
+        return raw.lower()
 
     def csv(self, name: str) -> tuple[str, ...]:
         return tuple(part.strip() for part in self.env.get(name, "").split(",") if part.strip())

@@ -15,6 +15,7 @@ from services.eventlog import JobWriter
 from services.events import CANCELLED, FAILED
 from services.jobs import now_iso
 from services.keys import Keys
+from services.logs import job_scope
 from services.queue import JobQueue, TakenOver
 from services.redisconn import Redis
 
@@ -53,17 +54,21 @@ class Reaper:
         """Handle every job whose lease has expired; returns how many were taken over."""
         handled = 0
         for job_id in await self.queue.expired():
-            taken = await self.queue.takeover(job_id, self.owner, self.lease_s)
-            if taken is None:
-                continue
-            handled += 1
-            if not taken.cancel_requested and taken.tokens == 0 and taken.attempts < MAX_ATTEMPTS:
-                log.warning("job %s: worker lost before any token, retrying", job_id)
-                await self.queue.requeue(job_id, self.owner)
-            else:
-                await self._end(job_id, taken)
-            await self.queue.settle(job_id, taken.entry_id)
+            with job_scope(job_id):
+                handled += await self._reap(job_id)
         return handled
+
+    async def _reap(self, job_id: str) -> int:
+        taken = await self.queue.takeover(job_id, self.owner, self.lease_s)
+        if taken is None:
+            return 0
+        if not taken.cancel_requested and taken.tokens == 0 and taken.attempts < MAX_ATTEMPTS:
+            log.warning("job %s: worker lost before any token, retrying", job_id)
+            await self.queue.requeue(job_id, self.owner)
+        else:
+            await self._end(job_id, taken)
+        await self.queue.settle(job_id, taken.entry_id)
+        return 1
 
     async def _end(self, job_id: str, taken: TakenOver) -> None:
         writer = JobWriter(

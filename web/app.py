@@ -6,6 +6,7 @@ from quart import Quart
 from quart_cors import cors
 
 from services.config import Settings
+from services.logs import AccessLog
 from services.redisconn import Broker
 from web import api, errors, health, pages, stream
 from web.context import Context
@@ -38,6 +39,8 @@ def create_app(settings: Settings, broker: Broker) -> Quart:
     install_openapi(app)
     if settings.cors_origins:
         allow_cross_origin(app, settings.cors_origins)
+    # Outermost: a request id and an access line for every request, errors included.
+    app.asgi_app = AccessLog(app.asgi_app)  # type: ignore[method-assign]
     return app
 
 
@@ -50,6 +53,12 @@ def allow_cross_origin(app: Quart, origins: tuple[str, ...]) -> None:
         allow_origin=list(origins),
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
         allow_methods=["GET", "POST", "DELETE"],
-        expose_headers=["Location", "Retry-After", "X-Tokencast-Job", "X-Tokencast-Viewer-Token"],
+        expose_headers=[
+            "Location",
+            "Retry-After",
+            "X-Request-ID",
+            "X-Tokencast-Job",
+            "X-Tokencast-Viewer-Token",
+        ],
         max_age=600,
     )

@@ -15,6 +15,7 @@ from services.eventlog import JobWriter
 from services.events import CANCELLED, COMPLETED, FAILED, TERMINAL_STATUSES
 from services.jobs import JobSpec, now_iso
 from services.keys import Keys
+from services.logs import set_job_id
 from services.queue import RENEW_FRACTION, Claim, JobQueue, Started
 from services.reaper import Reaper
 from services.redisconn import Redis, broker_errors
@@ -140,6 +141,7 @@ class Worker:
 
     async def run_job(self, claim: Claim) -> None:
         """Run one claimed job to its terminal event, unless another owner takes it."""
+        set_job_id(claim.job_id)  # this task's lines name the job
         owner = f"{self.consumer}/{secrets.token_hex(4)}"
         try:
             started = await self.queue.start(claim, owner, self.settings.lease_s, now_iso())
