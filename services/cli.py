@@ -40,7 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dev":
         _run(_dev(settings, host, port))
     elif args.command == "serve":
-        _run(_serve(settings, host, port))
+        _raise_fd_limit()
+        if args.workers > 1 and args.fd is None:
+            from web.server import serve_workers
+
+            return serve_workers(settings, host, port, args.workers)
+        _run(_serve(settings, host, port, args.fd))
     elif args.command == "worker":
         _run(_worker(settings))
     return 0
@@ -56,6 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=text)
         command.add_argument("--host", help="default: TOKENCAST_HOST or 127.0.0.1")
         command.add_argument("--port", type=int, help="default: TOKENCAST_PORT or 8000")
+    serve = sub.choices["serve"]
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="web processes sharing the listening socket, each its own node (default 1)",
+    )
+    # Set by `serve --workers N` on its children: the listening socket they inherit.
+    serve.add_argument("--fd", type=int, help=argparse.SUPPRESS)
     sub.add_parser("worker", help="one worker process, against Redis")
     submit = sub.add_parser("submit", help="create a job; with --watch, print its tokens")
     submit.add_argument("prompt")
@@ -68,6 +82,26 @@ def _parser() -> argparse.ArgumentParser:
     for command in (submit, watch):
         command.add_argument("--url", help=f"default: TOKENCAST_URL or {DEFAULT_URL}")
     return parser
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _raise_fd_limit() -> None:
+    """Every open stream holds a socket: allow as many open files as the hard limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # stay at the soft limit; TOKENCAST_MAX_STREAMS must fit within it
 
 
 def _run(main_coro: Coroutine[Any, Any, None]) -> None:
@@ -111,11 +145,11 @@ async def _dev(settings: Settings, host: str, port: int) -> None:
     await worker_task
 
 
-async def _serve(settings: Settings, host: str, port: int) -> None:
+async def _serve(settings: Settings, host: str, port: int, fd: int | None = None) -> None:
     from web.app import create_app
     from web.server import serve_app
 
-    await serve_app(create_app(settings, _redis_broker(settings)), host, port)
+    await serve_app(create_app(settings, _redis_broker(settings)), host, port, fd=fd)
 
 
 async def _worker(settings: Settings) -> None:
