@@ -7,9 +7,10 @@ published in between is in the buffer, and ids already sent are dropped.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from services import metrics
 from services.errors import BrokerUnavailable
@@ -23,7 +24,6 @@ logger = logging.getLogger(__name__)
 # Events read from the log per step while catching up: bounds the memory a
 # slow or late viewer costs, whatever the job's length.
 LOG_PAGE = 1000
-BROKER_RETRY_S = 0.5
 
 LOG_LOST = {
     "code": "log_lost",
@@ -33,15 +33,22 @@ LOG_LOST = {
 KEEPALIVE = None  # what the feed yields when nothing was sent for a keepalive interval
 
 
-class Feed:
-    """Yields batches of events for one viewer, after id ``after``.
+def raise_lost_cancel() -> None:
+    """Raise ``CancelledError`` if this task was asked to stop but the request
+    never reached it.
 
-    A batch is a list of events in id order (merged tokens when read from the
-    log); ``None`` asks for a keepalive, at most once per ``keepalive_s`` of
-    quiet. The feed ends after the terminal event, when the broker has been
-    unreachable for longer than ``grace_s``, or when ``stopping()`` turns true
-    (node shutdown): the client then reconnects and resumes.
+    Seen twice on the stream path when a client disconnects early: a cancel
+    arriving during a redis-py command returns from the command normally, and
+    Hypercorn swallows one that arrives while it closes the connection.
+    Either way the stream would then wait forever, registered with the hub.
     """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
+class Feed:
+    """Opens viewer sessions; holds what every session of a node shares."""
 
     def __init__(
         self,
@@ -59,67 +66,22 @@ class Feed:
         self.keepalive_s = keepalive_s
         self.grace_s = grace_s
         self.stopping = stopping
-        self.catch_ups = 0
 
-    async def watch(self, job_id: str, after: int) -> AsyncIterator[list[Event] | None]:
-        """The viewer's batches: registered with the hub first, then history, then live."""
+    async def open(self, job_id: str, after: int) -> FeedSession | None:
+        """Register a viewer with the hub (before any history is read), or
+        ``None`` when the broker cannot be reached: the stream then ends and
+        the client reconnects."""
         try:
             viewer = await self.hub.attach(job_id)
         except BrokerUnavailable as exc:
             logger.warning("job %s: stream ends, %s", job_id, exc)
-            return  # the client reconnects and resumes
+            return None
         metrics.OPEN_STREAMS.inc()
         if after:
             metrics.RESUMES.inc()
-        try:
-            async for batch in self._events(viewer, after):
-                if batch:
-                    metrics.EVENTS_SENT.inc(len(batch))
-                    if batch[0].appended_ms:  # live, not read from the log
-                        lag_s = time.time() - batch[0].appended_ms / 1000
-                        metrics.PUBLISH_TO_SEND.observe(max(lag_s, 0.0))
-                yield batch
-        finally:
-            metrics.OPEN_STREAMS.dec()
-            self.hub.detach(viewer)
-
-    async def _events(self, viewer: Viewer, after: int) -> AsyncIterator[list[Event] | None]:
-        # ``viewer.lagging`` starts true: the first step reads the log.
-        sent = after
-        quiet_since = time.monotonic()
-        outage_since: float | None = None
-        while not self.stopping():
-            batch: list[Event] = []
-            if viewer.lagging:
-                viewer.lagging = False
-                try:
-                    batch = await self._read_log(viewer, sent)
-                    outage_since = None
-                except BrokerUnavailable:
-                    viewer.lagging = True
-                    outage_since = outage_since or time.monotonic()
-                    if time.monotonic() - outage_since > self.grace_s:
-                        return
-                    # The hub wakes the viewer when it has resubscribed.
-                    await viewer.wait(BROKER_RETRY_S)
-            elif await viewer.wait(min(self.keepalive_s, BROKER_RETRY_S * 4)):
-                batch, gap = next_run(viewer.take(), sent)
-                if gap:
-                    viewer.lagging = True
-            elif self.hub.disconnected_for(viewer.job_id) > self.grace_s:
-                return
-            if batch:
-                yield batch
-                quiet_since = time.monotonic()
-                sent = batch[-1].id
-                if batch[-1].name == DONE:
-                    return
-            elif time.monotonic() - quiet_since >= self.keepalive_s:
-                yield KEEPALIVE
-                quiet_since = time.monotonic()
+        return FeedSession(self, viewer, after)
 
     async def _read_log(self, viewer: Viewer, sent: int) -> list[Event]:
-        self.catch_ups += 1
         events = await self.log.read(viewer.job_id, sent, LOG_PAGE)
         if len(events) == LOG_PAGE:
             viewer.lagging = True  # more to read before going live
@@ -129,3 +91,73 @@ class Feed:
             return [Event(sent + 1, DONE, lost)]
         run, _gap = next_run(events, sent)
         return coalesce(run)
+
+
+class FeedSession:
+    """One viewer's feed: ``next()`` gives the next batch of events to send.
+
+    A batch is a list of events in id order (merged tokens when read from
+    the log); ``None`` asks for a keepalive, at most once per ``keepalive_s``
+    of quiet; ``[]`` means the feed has ended: after the terminal event, when
+    the broker has been unreachable for longer than ``grace_s``, or when the
+    node shuts down (the client then reconnects and resumes). ``close()``
+    must follow, whatever happens.
+
+    ``next()`` is a plain coroutine, not an async generator: a cancelled
+    request (the client left) must unwind through it reliably, and a
+    cancellation thrown through nested async generators was seen to be lost,
+    leaving the stream registered forever.
+    """
+
+    def __init__(self, feed: Feed, viewer: Viewer, after: int):
+        self.feed = feed
+        self.viewer = viewer
+        self.sent = after  # ``viewer.lagging`` starts true: the first step reads the log
+        self.quiet_since = time.monotonic()
+        self.outage_since: float | None = None
+        self.ended = False
+
+    async def next(self) -> list[Event] | None:
+        feed, viewer = self.feed, self.viewer
+        while not self.ended and not feed.stopping():
+            batch: list[Event] = []
+            if viewer.lagging:
+                viewer.lagging = False
+                viewer.take()  # the log read below covers whatever was buffered
+                try:
+                    batch = await feed._read_log(viewer, self.sent)
+                    raise_lost_cancel()
+                    self.outage_since = None
+                except BrokerUnavailable:
+                    viewer.lagging = True
+                    self.outage_since = self.outage_since or time.monotonic()
+                    if time.monotonic() - self.outage_since > feed.grace_s:
+                        break
+                    await viewer.wait()  # the hub's resubscribe, or its next tick
+            else:
+                await viewer.wait()
+                events = viewer.take()
+                if events:
+                    batch, gap = next_run(events, self.sent)
+                    if gap:
+                        viewer.lagging = True
+                elif feed.hub.disconnected_for(viewer.job_id) > feed.grace_s:
+                    break
+            if batch:
+                self.quiet_since = time.monotonic()
+                self.sent = batch[-1].id
+                self.ended = batch[-1].name == DONE
+                metrics.EVENTS_SENT.inc(len(batch))
+                if batch[0].appended_ms:  # live, not read from the log
+                    lag_s = time.time() - batch[0].appended_ms / 1000
+                    metrics.PUBLISH_TO_SEND.observe(max(lag_s, 0.0))
+                return batch
+            if time.monotonic() - self.quiet_since >= feed.keepalive_s:
+                self.quiet_since = time.monotonic()
+                return KEEPALIVE
+        self.ended = True
+        return []
+
+    def close(self) -> None:
+        metrics.OPEN_STREAMS.dec()
+        self.feed.hub.detach(self.viewer)

@@ -64,7 +64,6 @@ class Keys:
         """Sorted set of running job ids (score: lease expiry, ms); an index for the reaper."""
         return f"{self.prefix}:{{queue}}:leases"
 
-
     # Limits.
     def rate(self, subject: str, window: int) -> str:
         """Counter of jobs created by ``subject`` (a hashed API key or an address)

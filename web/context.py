@@ -43,6 +43,9 @@ class Context:
             keys,
             node_id=settings.node_id,
             viewer_buffer=settings.viewer_buffer,
+            # Keepalives go out at most half an interval late; a long outage
+            # is noticed within a few seconds.
+            tick_s=min(max(settings.keepalive_s / 2, 0.05), 5.0),
         )
         store = JobStore(
             redis, keys, retention_s=settings.retention_s, max_queued_jobs=settings.max_queued_jobs

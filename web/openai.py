@@ -159,9 +159,17 @@ async def chat_completions() -> Response:
 async def _completion(context: Context, state: JobState, headers: dict[str, str]) -> Response:
     """Wait for the job's ``done``, then answer with the whole completion."""
     done = None
-    async for batch in feed_for(context).watch(state.id, 0):
-        if batch and batch[-1].name == DONE:
-            done = batch[-1].payload()
+    session = await feed_for(context).open(state.id, 0)
+    try:
+        while session is not None:
+            batch = await session.next()
+            if batch == []:
+                break
+            if batch and batch[-1].name == DONE:
+                done = batch[-1].payload()
+    finally:
+        if session is not None:
+            session.close()
     if done is None:
         # The node is draining or lost the broker; the job goes on without this request.
         message = f"this node stopped waiting for job {state.id}; GET /v1/jobs/{state.id}"

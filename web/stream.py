@@ -8,7 +8,7 @@ from quart import Blueprint, Response, make_response, request
 from quart_schema import document_querystring, document_response
 
 from services.events import Event
-from services.feed import Feed
+from services.feed import Feed, raise_lost_cancel
 from services.resume import parse_last_event_id
 from web.api import job_id_or_404
 from web.auth import require_viewer
@@ -127,13 +127,22 @@ async def _event_stream(
     address: str,
 ) -> AsyncIterator[bytes]:
     context.client_streams.opened(address)
+    session = None
     try:
         if retry_ms is not None:
             yield retry_frame(retry_ms)
-        async for batch in feed_for(context).watch(job_id, after):
+            raise_lost_cancel()
+        session = await feed_for(context).open(job_id, after)
+        while session is not None:
+            batch = await session.next()
             if batch is None:
                 yield KEEPALIVE_FRAME
+            elif not batch:
+                return
             else:
                 yield b"".join(encode(event) for event in batch)
+            raise_lost_cancel()
     finally:
+        if session is not None:
+            session.close()
         context.client_streams.closed(address)

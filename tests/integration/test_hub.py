@@ -71,11 +71,16 @@ class Harness:
     async def watch(self, job_id: str, after: int = 0, delay: float = 0, **kw) -> list[Event]:
         """Collect one viewer's events (each batch's events) until done."""
         got: list[Event] = []
-        async for batch in self.feed(**kw).watch(job_id, after):
-            if batch:
-                got.extend(batch)
-                if delay:
-                    await asyncio.sleep(delay)
+        session = await self.feed(**kw).open(job_id, after)
+        assert session is not None
+        try:
+            while (batch := await session.next()) != []:
+                if batch:  # None: a keepalive
+                    got.extend(batch)
+                    if delay:
+                        await asyncio.sleep(delay)
+        finally:
+            session.close()
         return got
 
 
@@ -170,8 +175,8 @@ async def test_live_frames_are_shared_between_viewers(redis_url, keys):
         a = await h.hub.attach("share-job")
         b = await h.hub.attach("share-job")
         await writer.start("demo", now_iso())
-        await asyncio.wait_for(a.wait(5), 6)
-        await asyncio.wait_for(b.wait(5), 6)
+        await asyncio.wait_for(a.wait(), 6)
+        await asyncio.wait_for(b.wait(), 6)
         (event_a,), (event_b,) = a.take(), b.take()
         assert event_a is event_b  # one Event object, so one encoding per node
         h.hub.detach(a)

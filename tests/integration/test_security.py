@@ -249,6 +249,11 @@ def test_open_streams_per_client_and_per_node(limited):
 
         wait_until(opens, 5, what="the closed stream's slot to free")
         second.close()
+    wait_until(
+        lambda: "tokencast_open_streams 0.0" in httpx.get(f"{limited}/metrics").text,
+        5,
+        what="the node to notice the closed streams",
+    )
     # Behind a trusted proxy each client is its forwarded address; the node's
     # own limit (3 streams) answers 503, so a load balancer moves on.
     with httpx.Client(timeout=10) as client:

@@ -301,3 +301,22 @@ def test_bad_input_gets_clear_errors_and_the_node_stays_healthy(node):
     # And it still does its job.
     job_id = create_job(url, max_tokens=5, demo=FAST)
     assert read_stream(url, job_id).done["status"] == "completed"
+
+
+def test_clients_that_leave_at_once_are_forgotten(node):
+    """A client that disconnects right after the headers (a reconnect storm
+    does this) must not stay counted or subscribed on the node."""
+    url = node.procs[0].url
+    job_id = create_job(url, max_tokens=5, demo={"tokens_per_second": 0.01})  # stays quiet
+    host, port = url.removeprefix("http://").split(":")
+    for _ in range(30):
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert sock.recv(12) == b"HTTP/1.1 200"
+    wait_until(
+        lambda: "tokencast_open_streams 0.0" in httpx.get(f"{url}/metrics").text,
+        5,
+        what="every stream to be closed on the node",
+    )
+    wait_until(lambda: job_state(url, job_id)["viewers"] == 0, 5, what="0 viewers")
+    httpx.delete(f"{url}/v1/jobs/{job_id}")
