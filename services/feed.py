@@ -86,6 +86,10 @@ class Feed:
         if len(events) == LOG_PAGE:
             viewer.lagging = True  # more to read before going live
         if not events and not await self.job_exists(viewer.job_id):
+            metrics.LOGS_LOST.inc()
+            logger.error(
+                "job %s: its log is gone (broker data lost); ending with log_lost", viewer.job_id
+            )
             # Every event but the first (start) and the last (done) is a token.
             lost = done_data(FAILED, None, max(sent - 1, 0), LOG_LOST)
             return [Event(sent + 1, DONE, lost)]

@@ -37,6 +37,10 @@ PUBSUB_RECONNECTS = Counter(
     "tokencast_pubsub_reconnects", "Times a pub/sub connection to the broker was re-made"
 )
 JOBS_CREATED = Counter("tokencast_jobs_created", "Jobs created")
+LOGS_LOST = Counter(
+    "tokencast_logs_lost",
+    "Streams that found their job's log gone (the broker lost its data) and ended with log_lost",
+)
 JOBS_FINISHED = Counter("tokencast_jobs_finished", "Jobs that reached done", ["status"])
 QUEUE_DEPTH = Gauge(
     "tokencast_queue_depth", "Jobs waiting for a worker", multiprocess_mode="livemax"

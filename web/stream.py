@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from quart import Blueprint, Response, make_response, request
 from quart_schema import document_querystring, document_response
 
+from services import metrics
 from services.events import Event
 from services.feed import Feed, raise_lost_cancel
 from services.resume import parse_last_event_id
@@ -140,7 +141,9 @@ async def _event_stream(
             elif not batch:
                 return
             else:
-                yield b"".join(encode(event) for event in batch)
+                frames = b"".join(encode(event) for event in batch)
+                metrics.BYTES_SENT.inc(len(frames))
+                yield frames
             raise_lost_cancel()
     finally:
         if session is not None:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from services import metrics
 from services.errors import Fenced
 from services.eventlog import EventLog, JobWriter
 from services.events import COMPLETED, Event
@@ -263,12 +264,14 @@ async def test_log_lost_when_the_broker_forgets_the_job(own_redis, keys):
         writer = await bare_job(h.redis, keys, "lost-job")
         await writer.start("demo", now_iso())
         await writer.append_tokens(["a", "b", "c"])
+        lost_before = metrics.LOGS_LOST._value.get()
         watching = asyncio.create_task(h.watch("lost-job"))
         await asyncio.sleep(0.3)
         own_redis.cli("FLUSHALL")
         own_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
         got = await asyncio.wait_for(watching, 10)
         assert expand(got) == [1, 2, 3, 4, 5]
+        assert metrics.LOGS_LOST._value.get() == lost_before + 1
         assert got[-1].name == "done"
         assert got[-1].payload() == {
             "status": "failed",

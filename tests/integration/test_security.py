@@ -187,6 +187,7 @@ def test_metrics_count_what_happened(redis_url):
             what="events_sent",
         )
         assert counter(url, "tokencast_resumes") - before["tokencast_resumes"] == 1
+        assert counter(url, "tokencast_bytes_sent") > 3 * events * len("id: 1\nevent: token\n")
         assert counter(url, "tokencast_jobs_created") - before["tokencast_jobs_created"] == 1
         text = httpx.get(f"{url}/metrics").text
         assert "tokencast_open_streams 0.0" in text
