@@ -46,6 +46,7 @@ def page_server(tmp_path: Path) -> Iterator[callable]:
     yield start
     for server in servers:
         server.shutdown()
+        server.server_close()
 
 
 def test_cross_origin_event_source(redis_url, context, page_server):
