@@ -117,7 +117,8 @@ def test_cancel_button_stops_the_job_for_every_viewer(context, site):
 
 def test_a_refused_cancel_is_explained(context, site):
     """With API keys configured a viewer's DELETE gets 401; the page says why in words.
-    (The key check is not in the server yet, so the browser is handed its 401.)"""
+    (This module's node has no keys, so the browser is handed the 401 here;
+    test_secured.py gets it from a real server.)"""
     job_id = create_job(site, prompt="not yours to stop", max_tokens=600, demo=SLOW)
     page = open_watch(context, site, job_id)
 
