@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -101,11 +103,21 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # The children write their metrics here and /metrics, from any of them,
+    # sums the node (prometheus-client's multi-process mode).
+    own_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+        prefix="tokencast-metrics-"
+    )
     with listener:
         fd = listener.fileno()
         try:
             for index in range(1, workers + 1):
-                env = {**os.environ, "TOKENCAST_NODE_ID": f"{settings.node_id}-{index}"}
+                env = {
+                    **os.environ,
+                    "TOKENCAST_NODE_ID": f"{settings.node_id}-{index}",
+                    "PROMETHEUS_MULTIPROC_DIR": metrics_dir,
+                }
                 command = [sys.executable, "-m", "services.cli", "serve", "--fd", str(fd)]
                 children.append(subprocess.Popen(command, env=env, pass_fds=[fd]))
         except BaseException:
@@ -134,6 +146,8 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
             child.wait()
     # A child still starting up when the signal came dies of it: nothing lost.
     failed = [child for child in children if child.returncode not in (0, -signum)]
+    if own_metrics_dir:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     for child in failed:
         log.error("web process %d exited with status %d", child.pid, child.returncode)
     return 0 if received and not failed else 1
