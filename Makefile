@@ -35,6 +35,11 @@ test-browser: $(STAMP)
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster
 
+# The fan-out benchmark (starts its own Redis and processes; about 5 minutes).
+# A quick look: make bench BENCH_ARGS="--scenarios S1,S4 --repeat 1"
+bench: $(STAMP)
+	$(BIN)/python -m tests.benchmarks.bench $(BENCH_ARGS)
+
 # A local cluster to play with: Redis, 3 web nodes, 2 workers, nginx on :8080.
 cluster: $(STAMP)
 	$(BIN)/python deploy/local/cluster.py

@@ -1,0 +1,653 @@
+"""The fan-out benchmark (issue 6): S1-S6 against real processes, one table.
+
+    .venv/bin/python -m tests.benchmarks.bench                      # all, 3 runs each, medians
+    .venv/bin/python -m tests.benchmarks.bench --scenarios S1,S4 --repeat 1
+
+Starts what it needs and stops it, even on Ctrl-C or failure: a Redis on a
+free port, a fresh ``tokencast serve`` (``--workers 2`` for S6) per run, a
+publisher writing through the worker's real write path
+(``tests/benchmarks/publisher.py``) and load client processes
+(``tests/benchmarks/client.py``). Server CPU comes from /proc/<pid>/stat,
+so Linux only. ``--profile DIR`` also samples the web process(es) with
+py-spy over the measured phase and prints where the time went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from deploy.local.cluster import Process, RedisServer, free_port, wait_until
+from services.keys import Keys
+from tests.benchmarks import client, procstat, publisher
+from tests.benchmarks.publisher import PublishSpec
+
+HOST = "127.0.0.1"
+DRAIN_S = 2
+OPEN_WAIT_S = client.OPEN_TIMEOUT_S + 15
+CLIENT_BUSY = 0.80  # a client process above this share of a core may be the bottleneck
+COUNTERS = {"tokencast_events_sent_total": "events", "tokencast_catch_ups_total": "catch_ups"}
+FORK = multiprocessing.get_context("fork")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    publish: PublishSpec
+    viewers_per_job: int
+    after: int = 0  # Last-Event-ID of every viewer
+    workers: int = 1
+    finish_s: float = 120.0  # how long the viewers may take after publishing ends
+    env: dict[str, str] = field(default_factory=dict)
+
+
+SCENARIOS = {
+    s.name: s
+    for s in (
+        Scenario(
+            "S1",
+            "broadcast: 1 job x 1,000 viewers, 2,000 tokens at 500/s",
+            PublishSpec("paced", tokens=2000, rate=500),
+            viewers_per_job=1000,
+        ),
+        Scenario(
+            "S2",
+            "many jobs: 200 jobs x 5 viewers, 30 tokens/s each for 20 s",
+            PublishSpec("paced", jobs=200, tokens=600, rate=30),
+            viewers_per_job=5,
+        ),
+        Scenario(
+            "S3",
+            "idle: 10,000 open streams on one process",
+            PublishSpec("one"),
+            viewers_per_job=10000,
+            env={"TOKENCAST_MAX_STREAMS": "11000"},
+        ),
+        Scenario(
+            "S4",
+            "resume storm: 500 clients resume a finished 1,000-token job from event 500",
+            PublishSpec("history", tokens=1000),
+            viewers_per_job=500,
+            after=500,
+        ),
+        Scenario(
+            "S5",
+            "saturation: 1 job x 1,000 viewers, as fast as the server keeps up, 10 s",
+            PublishSpec("window", seconds=10),
+            viewers_per_job=1000,
+        ),
+        Scenario(
+            "S6",
+            "scale-up: S5 with serve --workers 2",
+            PublishSpec("window", seconds=10),
+            viewers_per_job=1000,
+            workers=2,
+        ),
+    )
+}
+
+
+# Processes.
+
+
+class Server:
+    """A fresh ``tokencast serve`` (``--workers N``) on a free port."""
+
+    def __init__(self, redis_url: str, prefix: str, workers: int, env: dict[str, str]):
+        self.port = free_port()
+        self.workers = workers
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCAST_")}
+        base.update(
+            # Every viewer comes from 127.0.0.1: lift the per-client cap.
+            TOKENCAST_MAX_STREAMS_PER_CLIENT="100000",
+            TOKENCAST_REDIS_URL=redis_url,
+            TOKENCAST_KEY_PREFIX=prefix,
+            TOKENCAST_DRAIN_SECONDS=str(DRAIN_S),
+            TOKENCAST_NODE_ID="bench",
+            PYTHONUNBUFFERED="1",
+            **env,
+        )
+        args = ["serve", "--host", HOST, "--port", str(self.port)]
+        if workers > 1:
+            args += ["--workers", str(workers)]
+        self.process = Process(args, base, port=self.port)
+        self.pids: list[int] = []
+
+    def start(self) -> Server:
+        self.process.start()
+        if self.workers > 1:
+            wait_until(
+                lambda: self.process.log().count("Running on") == self.workers,
+                20,
+                what=f"{self.workers} web processes",
+            )
+            self.pids = procstat.children(self.process.pid)
+        else:
+            self.pids = [self.process.pid]
+        return self
+
+    def cpu(self) -> float:
+        return procstat.total_cpu(self.pids)
+
+    def counters(self) -> dict[str, float]:
+        """The node's event and catch-up counters (one process's, so not for --workers)."""
+        if self.workers > 1:
+            return {}
+        url = f"http://{HOST}:{self.port}/metrics"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        found = {}
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in COUNTERS:
+                found[COUNTERS[name]] = float(value)
+        return found
+
+    def rss(self) -> int:
+        return procstat.total_rss(self.pids)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError, AssertionError):
+            self.process.signal(signal.SIGTERM)
+        with contextlib.suppress(Exception):
+            self.process.wait(DRAIN_S + 8)
+        self.process.stop()
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.log_path.unlink(missing_ok=True)
+
+
+class Child:
+    """A forked helper process and our end of its pipe."""
+
+    def __init__(self, target: Callable[..., None], *args: Any):
+        self.conn, theirs = FORK.Pipe()
+        self.process = FORK.Process(target=target, args=(theirs, *args), daemon=True)
+        self.process.start()
+        theirs.close()
+
+    def send(self, *message: Any) -> None:
+        self.conn.send(message)
+
+    def expect(self, kind: str, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.conn.poll(0.2):
+                got, payload = self.conn.recv()
+                if got != kind:
+                    raise RuntimeError(f"expected {kind!r} from a helper, got {got!r}")
+                return payload
+            if not self.process.is_alive():
+                raise RuntimeError(f"a helper process died (waiting for {kind!r})")
+        raise TimeoutError(f"no {kind!r} from a helper within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(5)
+        self.conn.close()
+
+
+class Profiler:
+    """py-spy on each web process over the measured phase, raw (collapsed) stacks."""
+
+    def __init__(self, pids: list[int], out_dir: Path, label: str):
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.paths = [out_dir / f"{label}-{pid}.txt" for pid in pids]
+        self.procs = [
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-f",
+                    "raw",
+                    "-r",
+                    "100",
+                    "--nonblocking",
+                    "-o",
+                    str(path),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for pid, path in zip(pids, self.paths, strict=True)
+        ]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# One run.
+
+
+def run_once(scenario: Scenario, redis: RedisServer, args: argparse.Namespace) -> dict[str, Any]:
+    spec = scenario.publish
+    if spec.mode == "window":
+        spec = replace(spec, window=args.window)
+    prefix = f"bench-{secrets.token_hex(4)}"
+    progress = FORK.Array("q", [1] * args.clients, lock=False) if spec.mode == "window" else None
+    helpers: list[Child] = []
+    server = Server(redis.url, prefix, scenario.workers, scenario.env)
+    profiler: Profiler | None = None
+    try:
+        server.start()
+        pub = Child(publisher.run, redis.url, prefix, progress)
+        helpers.append(pub)
+        pub.send("prepare", spec)
+        job_ids: list[str] = pub.expect("ready", 120)
+        plans: list[list[tuple[int, str, int]]] = [[] for _ in range(args.clients)]
+        streams = [(j, job_id) for j, job_id in enumerate(job_ids)] * scenario.viewers_per_job
+        for k, (j, job_id) in enumerate(streams):
+            plans[k % args.clients].append((j, job_id, scenario.after))
+        clients = [
+            Child(client.run, HOST, server.port, plan, progress, slot)
+            for slot, plan in enumerate(plans)
+        ]
+        helpers += clients
+        rss_before = server.rss()
+        before_open = sample(server, redis)
+        storm = spec.mode == "history"  # the storm itself is what is measured
+        if storm:
+            start = before_open
+        # S3's and S4's cost is in opening the streams: profile that too.
+        if args.profile and spec.mode in ("history", "one"):
+            profiler = Profiler(server.pids, Path(args.profile), f"{scenario.name}-{prefix}")
+        for c in clients:
+            c.send("open")
+        opened = [c.expect("opened", OPEN_WAIT_S) for c in clients]
+        rss_open = server.rss()
+        open_cpu_s = server.cpu() - before_open["web"]
+        nodes = {}
+        if scenario.workers > 1:
+            nodes = streams_per_node(redis, Keys(prefix), job_ids[0], scenario.viewers_per_job)
+        if not storm:
+            start = sample(server, redis)
+        if args.profile and not profiler:
+            profiler = Profiler(server.pids, Path(args.profile), f"{scenario.name}-{prefix}")
+        go_ns = time.time_ns()
+        pub.send("go")
+        published = pub.expect("published", spec.seconds + spec.tokens / (spec.rate or 1e9) + 120)
+        for c in clients:
+            c.send("finish", scenario.finish_s)
+        results = [c.expect("result", scenario.finish_s + 30) for c in clients]
+        end = sample(server, redis)
+        if profiler:
+            profiler.stop()  # (idempotent: ``finally`` stops it too)
+        rss_after = server.rss()
+    finally:
+        for helper in helpers:
+            helper.stop()
+        if profiler:
+            profiler.stop()
+        server.stop()
+        redis.cli("FLUSHALL")
+    return measure(
+        scenario,
+        published,
+        opened,
+        results,
+        start,
+        end,
+        go_ns,
+        {"before": rss_before, "open": rss_open, "after": rss_after},
+        open_cpu_s,
+        profiler.paths if profiler else [],
+        nodes,
+    )
+
+
+def sample(server: Server, redis: RedisServer) -> dict[str, float]:
+    assert redis.process is not None
+    return {
+        "web": server.cpu(),
+        "redis": procstat.total_cpu([redis.process.pid]),
+        "machine": procstat.machine_busy_seconds(),
+        "t": time.monotonic(),
+        **server.counters(),
+    }
+
+
+def streams_per_node(redis: RedisServer, keys: Keys, job_id: str, expected: int) -> dict[str, int]:
+    """Open streams on the job per web process, as the processes report them (each second)."""
+
+    def counts() -> dict[str, int]:
+        lines = redis.cli("HGETALL", keys.viewers(job_id)).splitlines()
+        return {
+            node: int(value.split()[0])
+            for node, value in zip(lines[::2], lines[1::2], strict=False)
+        }
+
+    with contextlib.suppress(TimeoutError):
+        wait_until(lambda: sum(counts().values()) >= expected, 3, what="viewer counts")
+    return counts()
+
+
+def measure(
+    scenario: Scenario,
+    published: dict[str, Any],
+    opened: list[dict[str, Any]],
+    results: list[dict[str, Any]],
+    start: dict[str, float],
+    end: dict[str, float],
+    go_ns: int,
+    rss: dict[str, int],
+    open_cpu_s: float,
+    profiles: list[Path],
+    nodes: dict[str, str],
+) -> dict[str, Any]:
+    """The table's figures for one run."""
+    final_ids = published["final_ids"]
+    rows = [row for result in results for row in result["streams"]]
+    expected = sum(final_ids[job] - after for job, after, *_ in rows)
+    received = sum(row[2] for row in rows)
+    tokens = sum(result["tokens"] for result in results)
+    histogram = [0] * client.BUCKETS
+    for result in results:
+        counts = memoryview(result["histogram"]).cast("q")
+        for i in range(client.BUCKETS):
+            if counts[i]:
+                histogram[i] += counts[i]
+    if scenario.publish.mode == "history":
+        # Old tokens: the figure is how long each client took, connect to done.
+        times = sorted(row[10] - row[8] for row in rows if row[10])
+        p50, p99, worst = (pick(times, 0.50), pick(times, 0.99), times[-1]) if times else (0,) * 3
+        first, last = min(row[8] for row in rows), max(row[10] for row in rows)
+    else:
+        p50, p99 = percentile(histogram, 0.50), percentile(histogram, 0.99)
+        worst = max(result["max_latency_ns"] for result in results)
+        first, last = go_ns, max(result["last_token_ns"] for result in results) or go_ns
+    seconds = max((last - first) / 1e9, 1e-9)
+    web_cpu, redis_cpu = end["web"] - start["web"], end["redis"] - start["redis"]
+    elapsed = max(end["t"] - start["t"], 1e-9)
+    client_cpu = sum(r["cpu_s"] for r in results)
+    ours = web_cpu + redis_cpu + client_cpu + published["cpu_s"]
+    if scenario.publish.mode == "history":  # the storm is the opening
+        client_share = [
+            (r["open_cpu_s"] + r["cpu_s"]) / max(r["open_wall_s"] + r["wall_s"], 1e-9)
+            for r in results
+        ]
+    else:
+        client_share = [r["cpu_s"] / max(r["wall_s"], 1e-9) for r in results]
+    return {
+        "expected": expected,
+        "received": received,
+        "lost": max(expected - received, 0),
+        "dup": sum(row[4] for row in rows),
+        "ooo": sum(row[5] for row in rows),
+        "refused": sum(1 for row in rows if row[6] != 200),
+        "refusals": {k: v for r in results for k, v in r["refusals"].items()},
+        "tok_s": tokens / seconds,
+        "p50_ms": p50 / 1e6,
+        "p99_ms": p99 / 1e6,
+        "max_ms": worst / 1e6,
+        "web_us": web_cpu * 1e6 / max(tokens, 1),
+        "redis_us": redis_cpu * 1e6 / max(tokens, 1),
+        "web_cpu_share": web_cpu / elapsed,
+        # Cores busy with anything else on the machine meanwhile (noise).
+        "others_share": max(end["machine"] - start["machine"] - ours, 0) / elapsed,
+        "rss_before_mb": rss["before"] / 2**20,
+        "rss_after_mb": rss["after"] / 2**20,
+        "kb_stream": (rss["open"] - rss["before"]) / 1024 / max(len(rows), 1),
+        "open_s": max(o["open_s"] for o in opened),
+        "open_ms_per_stream": open_cpu_s * 1e3 / max(len(rows), 1),  # web CPU
+        "client_max": max(client_share),
+        "client_total": sum(client_share),
+        # Not meaningful when everything was written beforehand (S4).
+        "publisher_share": published["cpu_s"] / max(published["seconds"], 0.1),
+        "timed_out": any(r["timed_out"] for r in results),
+        # Events sent per delivered token (below 1: merged), and falls into catch-up.
+        "events_per_token": (end["events"] - start["events"]) / max(tokens, 1)
+        if "events" in start
+        else None,
+        "catch_ups": end["catch_ups"] - start["catch_ups"] if "catch_ups" in start else None,
+        "client_cpu_s": client_cpu,
+        "profiles": [str(p) for p in profiles],
+        "nodes": nodes,
+    }
+
+
+def percentile(histogram: list[int], q: float) -> float:
+    """The ``q`` quantile (ns) of a latency histogram (upper edge of the bucket)."""
+    total = sum(histogram)
+    if not total:
+        return 0.0
+    rank, seen = q * total, 0
+    for i, count in enumerate(histogram):
+        seen += count
+        if seen >= rank:
+            return float((i + 1) * client.BUCKET_NS)
+    return float(len(histogram) * client.BUCKET_NS)
+
+
+def pick(values: list[int], q: float) -> float:
+    return float(values[min(int(q * len(values)), len(values) - 1)])
+
+
+# The table.
+
+COLUMNS = [
+    ("expected", "events exp", "{:.0f}"),
+    ("received", "received", "{:.0f}"),
+    ("lost", "lost", "{:.0f}"),
+    ("dup", "dup", "{:.0f}"),
+    ("ooo", "ooo", "{:.0f}"),
+    ("tok_s", "tok/s", "{:.0f}"),
+    ("p50_ms", "p50 ms", "{:.1f}"),
+    ("p99_ms", "p99 ms", "{:.1f}"),
+    ("max_ms", "max ms", "{:.0f}"),
+    ("web_us", "web us/tok", "{:.1f}"),
+    ("redis_us", "redis us/tok", "{:.2f}"),
+    ("rss_before_mb", "RSS MB before", "{:.0f}"),
+    ("rss_after_mb", "after", "{:.0f}"),
+    ("kb_stream", "KB/stream", "{:.1f}"),
+    ("open_s", "open s", "{:.2f}"),
+    ("client_max", "client CPU", "{:.0%}"),
+]
+WORST = {"lost", "dup", "ooo", "max_ms"}  # across runs: the worst, not the median
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    row = {}
+    for key, _title, _fmt in [*COLUMNS, ("client_total", "", ""), ("publisher_share", "", "")]:
+        values = [run[key] for run in runs]
+        row[key] = max(values) if key in WORST else statistics.median(values)
+    for key in ("web_cpu_share", "others_share", "refused", "open_ms_per_stream"):
+        row[key] = statistics.median(run[key] for run in runs)
+    row["timed_out"] = any(run["timed_out"] for run in runs)
+    row["refusals"] = {k: v for run in runs for k, v in run["refusals"].items()}
+    row["nodes"] = runs[-1]["nodes"]
+    return row
+
+
+def print_table(rows: dict[str, dict[str, Any]], repeat: int) -> None:
+    header = ["scen"] + [title for _key, title, _fmt in COLUMNS]
+    lines = [header]
+    for name, row in rows.items():
+        cells = [name] + [fmt.format(row[key]) for key, _title, fmt in COLUMNS]
+        if row["client_max"] > CLIENT_BUSY:
+            cells[-1] += " !"
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+    print(
+        f"\nMedians of {repeat} run(s); lost/dup/ooo and max ms: the worst run. Ids counted"
+        " with merged ranges expanded. S4's latency columns: each client's time from connect"
+        " to its done event. CPU per delivered token over the delivery phase (S4: the whole"
+        " storm). Client CPU: the busiest client process, share of one core"
+        f" ('!' above {CLIENT_BUSY:.0%})."
+    )
+    for name, row in rows.items():
+        notes = [
+            f"web process(es) {row['web_cpu_share']:.0%} of a core",
+            f"{row['open_ms_per_stream']:.2f} ms web CPU per stream opened",
+            f"all clients {row['client_total']:.0%}",
+            f"publisher {row['publisher_share']:.0%}",
+            f"other processes {row['others_share']:.0%}",
+        ]
+        if row["refused"]:
+            answers = ", ".join(f"{k}: {v[:120]!r}" for k, v in row["refusals"].items())
+            notes.append(f"{row['refused']:.0f} streams refused ({answers})")
+        if row["timed_out"]:
+            notes.append("VIEWERS TIMED OUT")
+        if row["nodes"]:
+            notes.append(
+                "streams per process " + ", ".join(f"{k}={v}" for k, v in row["nodes"].items())
+            )
+        print(f"  {name}: " + "; ".join(notes))
+
+
+# Profiles.
+
+
+def print_profile(paths: list[str], top: int = 20) -> None:
+    """Self and inclusive time by function, from py-spy's raw output."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError), open(path) as lines:
+            for line in lines:
+                stack, _, count = line.rstrip("\n").rpartition(" ")
+                if not stack:
+                    continue
+                n = int(count)
+                frames = [frame_name(frame) for frame in stack.split(";")]
+                total += n
+                own[frames[-1]] += n
+                for frame in set(frames):
+                    inclusive[frame] += n
+    if not total:
+        print("  (no samples)")
+        return
+    print(f"  {total} samples; self time:")
+    for frame, n in own.most_common(top):
+        print(f"    {n / total:6.1%}  {frame}")
+    print("  inclusive (tokencast, quart, hypercorn, redis):")
+    ours = [(f, n) for f, n in inclusive.most_common() if any(k in f for k in OUR_FRAMES)]
+    for frame, n in ours[:top]:
+        print(f"    {n / total:6.1%}  {frame}")
+
+
+OUR_FRAMES = ("services/", "web/", "quart/", "hypercorn/", "redis/", "h11/")
+
+
+def frame_name(frame: str) -> str:
+    """``func (path/to/file.py:12)`` → ``func (to/file.py)``."""
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rpartition(":")[0]
+    return f"{name} ({'/'.join(Path(path).parts[-2:])})"
+
+
+# Main.
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="e.g. S1,S4")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per scenario (median)")
+    parser.add_argument("--clients", type=int, default=2, help="load client processes")
+    parser.add_argument(
+        "--window", type=int, default=256, help="S5/S6: tokens the publisher may run ahead"
+    )
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the web process(es) into DIR")
+    parser.add_argument("--json", metavar="FILE", help="also write every run's figures here")
+    args = parser.parse_args(argv)
+    args.names = [name.strip().upper() for name in args.scenarios.split(",") if name.strip()]
+    unknown = [name for name in args.names if name not in SCENARIOS]
+    if unknown or args.repeat < 1 or args.clients < 1:
+        parser.error(f"unknown scenario(s) {unknown}" if unknown else "counts must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    client.raise_fd_limit()
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)  # even where the shell started us ignoring it
+    try:
+        rows, every = run_all(args)
+    except KeyboardInterrupt:
+        print("interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    print()
+    print_table(rows, args.repeat)
+    if args.profile:
+        for name, runs in every.items():
+            print(f"\nprofile {name} (py-spy, web process(es), measured phase):")
+            print_profile([p for run in runs for p in run["profiles"]])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows, "runs": every}, indent=1))
+    return 0
+
+
+def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+    """Every scenario ``args.repeat`` times on one Redis: the rows and every run's figures."""
+    rows: dict[str, dict[str, Any]] = {}
+    every: dict[str, list[dict[str, Any]]] = {}
+    with redis_server() as redis:
+        for name in args.names:
+            scenario = SCENARIOS[name]
+            print(f"{name} {scenario.title}", file=sys.stderr, flush=True)
+            every[name] = []
+            for i in range(args.repeat):
+                figures = run_once(scenario, redis, args)
+                every[name].append(figures)
+                print(
+                    f"  run {i + 1}: {figures['tok_s']:.0f} tok/s, p99"
+                    f" {figures['p99_ms']:.1f} ms, web {figures['web_us']:.1f} us/tok,"
+                    f" lost {figures['lost']}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            rows[name] = summarise(every[name])
+    return rows, every
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    redis = RedisServer().start()
+    try:
+        yield redis
+    finally:
+        redis.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""CPU time and memory of running processes, from /proc (Linux only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far (10 ms resolution)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name, in parentheses, may hold spaces: split after it.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_BYTES
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(child) for child in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def total_cpu(pids: list[int]) -> float:
+    return sum(_or_zero(cpu_seconds, pid) for pid in pids)
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores have spent on anything but idling, since boot."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(fields) - fields[3] - fields[4]) / CLOCK_TICKS  # minus idle and iowait
+
+
+def total_rss(pids: list[int]) -> int:
+    return sum(int(_or_zero(rss_bytes, pid)) for pid in pids)
+
+
+def _or_zero(read, pid: int) -> float:  # type: ignore[no-untyped-def]
+    try:
+        return float(read(pid))
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0  # the process has exited
