@@ -4,12 +4,13 @@
     .venv/bin/python -m tests.benchmarks.bench --scenarios S1,S4 --repeat 1
 
 Starts what it needs and stops it, even on Ctrl-C or failure: a Redis on a
-free port, a fresh ``tokencast serve`` (``--workers 2`` for S6) per run, a
-publisher writing through the worker's real write path
-(``tests/benchmarks/publisher.py``) and load client processes
-(``tests/benchmarks/client.py``). Server CPU comes from /proc/<pid>/stat,
-so Linux only. ``--profile DIR`` also samples the web process(es) with
-py-spy over the measured phase and prints where the time went.
+free port, a fresh ``tokencast serve`` (``--workers 2`` for S6) per run
+(``processes.py``), a publisher writing through the worker's real write path
+(``publisher.py``) and load client processes (``client.py``); this module
+runs the scenarios and turns what they saw into figures, ``report.py``
+prints them. Server CPU comes from /proc/<pid>/stat, so Linux only.
+``--profile DIR`` also samples the web process(es) with py-spy over the
+measured phase and prints where the time went.
 """
 
 from __future__ import annotations
@@ -17,33 +18,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
-import os
 import secrets
-import shutil
 import signal
-import statistics
-import subprocess
 import sys
 import time
-import urllib.request
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from deploy.local.cluster import Process, RedisServer, free_port, wait_until
+from deploy.local.cluster import RedisServer, wait_until
 from services.keys import Keys
 from tests.benchmarks import client, procstat, publisher
+from tests.benchmarks.processes import FORK, HOST, Child, Profiler, Server
 from tests.benchmarks.publisher import PublishSpec
+from tests.benchmarks.report import print_profile, print_table, summarise
 
-HOST = "127.0.0.1"
-DRAIN_S = 2
 OPEN_WAIT_S = client.OPEN_TIMEOUT_S + 15
-CLIENT_BUSY = 0.80  # a client process above this share of a core may be the bottleneck
-COUNTERS = {"tokencast_events_sent_total": "events", "tokencast_catch_ups_total": "catch_ups"}
-FORK = multiprocessing.get_context("fork")
 
 
 @dataclass(frozen=True)
@@ -102,151 +93,6 @@ SCENARIOS = {
         ),
     )
 }
-
-
-# Processes.
-
-
-class Server:
-    """A fresh ``tokencast serve`` (``--workers N``) on a free port."""
-
-    def __init__(self, redis_url: str, prefix: str, workers: int, env: dict[str, str]):
-        self.port = free_port()
-        self.workers = workers
-        base = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCAST_")}
-        base.update(
-            # Every viewer comes from 127.0.0.1: lift the per-client cap.
-            TOKENCAST_MAX_STREAMS_PER_CLIENT="100000",
-            TOKENCAST_REDIS_URL=redis_url,
-            TOKENCAST_KEY_PREFIX=prefix,
-            TOKENCAST_DRAIN_SECONDS=str(DRAIN_S),
-            TOKENCAST_NODE_ID="bench",
-            PYTHONUNBUFFERED="1",
-            **env,
-        )
-        args = ["serve", "--host", HOST, "--port", str(self.port)]
-        if workers > 1:
-            args += ["--workers", str(workers)]
-        self.process = Process(args, base, port=self.port)
-        self.pids: list[int] = []
-
-    def start(self) -> Server:
-        self.process.start()
-        if self.workers > 1:
-            wait_until(
-                lambda: self.process.log().count("Running on") == self.workers,
-                20,
-                what=f"{self.workers} web processes",
-            )
-            self.pids = procstat.children(self.process.pid)
-        else:
-            self.pids = [self.process.pid]
-        return self
-
-    def cpu(self) -> float:
-        return procstat.total_cpu(self.pids)
-
-    def counters(self) -> dict[str, float]:
-        """The node's event and catch-up counters (one process's, so not for --workers)."""
-        if self.workers > 1:
-            return {}
-        url = f"http://{HOST}:{self.port}/metrics"
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            return {}
-        found = {}
-        for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in COUNTERS:
-                found[COUNTERS[name]] = float(value)
-        return found
-
-    def rss(self) -> int:
-        return procstat.total_rss(self.pids)
-
-    def stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError, AssertionError):
-            self.process.signal(signal.SIGTERM)
-        with contextlib.suppress(Exception):
-            self.process.wait(DRAIN_S + 8)
-        self.process.stop()
-        for pid in self.pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.process.log_path.unlink(missing_ok=True)
-
-
-class Child:
-    """A forked helper process and our end of its pipe."""
-
-    def __init__(self, target: Callable[..., None], *args: Any):
-        self.conn, theirs = FORK.Pipe()
-        self.process = FORK.Process(target=target, args=(theirs, *args), daemon=True)
-        self.process.start()
-        theirs.close()
-
-    def send(self, *message: Any) -> None:
-        self.conn.send(message)
-
-    def expect(self, kind: str, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.conn.poll(0.2):
-                got, payload = self.conn.recv()
-                if got != kind:
-                    raise RuntimeError(f"expected {kind!r} from a helper, got {got!r}")
-                return payload
-            if not self.process.is_alive():
-                raise RuntimeError(f"a helper process died (waiting for {kind!r})")
-        raise TimeoutError(f"no {kind!r} from a helper within {timeout:.0f} s")
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(5)
-        self.conn.close()
-
-
-class Profiler:
-    """py-spy on each web process over the measured phase, raw (collapsed) stacks."""
-
-    def __init__(self, pids: list[int], out_dir: Path, label: str):
-        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        self.paths = [out_dir / f"{label}-{pid}.txt" for pid in pids]
-        self.procs = [
-            subprocess.Popen(
-                [
-                    spy,
-                    "record",
-                    "-p",
-                    str(pid),
-                    "-f",
-                    "raw",
-                    "-r",
-                    "100",
-                    "--nonblocking",
-                    "-o",
-                    str(path),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            for pid, path in zip(pids, self.paths, strict=True)
-        ]
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 # One run.
@@ -453,122 +299,6 @@ def percentile(histogram: list[int], q: float) -> float:
 
 def pick(values: list[int], q: float) -> float:
     return float(values[min(int(q * len(values)), len(values) - 1)])
-
-
-# The table.
-
-COLUMNS = [
-    ("expected", "events exp", "{:.0f}"),
-    ("received", "received", "{:.0f}"),
-    ("lost", "lost", "{:.0f}"),
-    ("dup", "dup", "{:.0f}"),
-    ("ooo", "ooo", "{:.0f}"),
-    ("tok_s", "tok/s", "{:.0f}"),
-    ("p50_ms", "p50 ms", "{:.1f}"),
-    ("p99_ms", "p99 ms", "{:.1f}"),
-    ("max_ms", "max ms", "{:.0f}"),
-    ("web_us", "web us/tok", "{:.1f}"),
-    ("redis_us", "redis us/tok", "{:.2f}"),
-    ("rss_before_mb", "RSS MB before", "{:.0f}"),
-    ("rss_after_mb", "after", "{:.0f}"),
-    ("kb_stream", "KB/stream", "{:.1f}"),
-    ("open_s", "open s", "{:.2f}"),
-    ("client_max", "client CPU", "{:.0%}"),
-]
-WORST = {"lost", "dup", "ooo", "max_ms"}  # across runs: the worst, not the median
-
-
-def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    row = {}
-    for key, _title, _fmt in [*COLUMNS, ("client_total", "", ""), ("publisher_share", "", "")]:
-        values = [run[key] for run in runs]
-        row[key] = max(values) if key in WORST else statistics.median(values)
-    for key in ("web_cpu_share", "others_share", "refused", "open_ms_per_stream"):
-        row[key] = statistics.median(run[key] for run in runs)
-    row["timed_out"] = any(run["timed_out"] for run in runs)
-    row["refusals"] = {k: v for run in runs for k, v in run["refusals"].items()}
-    row["nodes"] = runs[-1]["nodes"]
-    return row
-
-
-def print_table(rows: dict[str, dict[str, Any]], repeat: int) -> None:
-    header = ["scen"] + [title for _key, title, _fmt in COLUMNS]
-    lines = [header]
-    for name, row in rows.items():
-        cells = [name] + [fmt.format(row[key]) for key, _title, fmt in COLUMNS]
-        if row["client_max"] > CLIENT_BUSY:
-            cells[-1] += " !"
-        lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
-    print(
-        f"\nMedians of {repeat} run(s); lost/dup/ooo and max ms: the worst run. Ids counted"
-        " with merged ranges expanded. S4's latency columns: each client's time from connect"
-        " to its done event. CPU per delivered token over the delivery phase (S4: the whole"
-        " storm). Client CPU: the busiest client process, share of one core"
-        f" ('!' above {CLIENT_BUSY:.0%})."
-    )
-    for name, row in rows.items():
-        notes = [
-            f"web process(es) {row['web_cpu_share']:.0%} of a core",
-            f"{row['open_ms_per_stream']:.2f} ms web CPU per stream opened",
-            f"all clients {row['client_total']:.0%}",
-            f"publisher {row['publisher_share']:.0%}",
-            f"other processes {row['others_share']:.0%}",
-        ]
-        if row["refused"]:
-            answers = ", ".join(f"{k}: {v[:120]!r}" for k, v in row["refusals"].items())
-            notes.append(f"{row['refused']:.0f} streams refused ({answers})")
-        if row["timed_out"]:
-            notes.append("VIEWERS TIMED OUT")
-        if row["nodes"]:
-            notes.append(
-                "streams per process " + ", ".join(f"{k}={v}" for k, v in row["nodes"].items())
-            )
-        print(f"  {name}: " + "; ".join(notes))
-
-
-# Profiles.
-
-
-def print_profile(paths: list[str], top: int = 20) -> None:
-    """Self and inclusive time by function, from py-spy's raw output."""
-    own: Counter[str] = Counter()
-    inclusive: Counter[str] = Counter()
-    total = 0
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError), open(path) as lines:
-            for line in lines:
-                stack, _, count = line.rstrip("\n").rpartition(" ")
-                if not stack:
-                    continue
-                n = int(count)
-                frames = [frame_name(frame) for frame in stack.split(";")]
-                total += n
-                own[frames[-1]] += n
-                for frame in set(frames):
-                    inclusive[frame] += n
-    if not total:
-        print("  (no samples)")
-        return
-    print(f"  {total} samples; self time:")
-    for frame, n in own.most_common(top):
-        print(f"    {n / total:6.1%}  {frame}")
-    print("  inclusive (tokencast, quart, hypercorn, redis):")
-    ours = [(f, n) for f, n in inclusive.most_common() if any(k in f for k in OUR_FRAMES)]
-    for frame, n in ours[:top]:
-        print(f"    {n / total:6.1%}  {frame}")
-
-
-OUR_FRAMES = ("services/", "web/", "quart/", "hypercorn/", "redis/", "h11/")
-
-
-def frame_name(frame: str) -> str:
-    """``func (path/to/file.py:12)`` → ``func (to/file.py)``."""
-    name, _, where = frame.partition(" (")
-    path = where.rstrip(")").rpartition(":")[0]
-    return f"{name} ({'/'.join(Path(path).parts[-2:])})"
 
 
 # Main.
