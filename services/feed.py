@@ -7,7 +7,6 @@ published in between is in the buffer, and ids already sent are dropped.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -17,6 +16,7 @@ from services.errors import BrokerUnavailable
 from services.eventlog import EventLog
 from services.events import DONE, FAILED, Event, done_data
 from services.hub import Hub, Viewer
+from services.redisconn import raise_lost_cancel
 from services.resume import coalesce, next_run
 
 logger = logging.getLogger(__name__)
@@ -31,20 +31,6 @@ LOG_LOST = {
 }
 
 KEEPALIVE = None  # what the feed yields when nothing was sent for a keepalive interval
-
-
-def raise_lost_cancel() -> None:
-    """Raise ``CancelledError`` if this task was asked to stop but the request
-    never reached it.
-
-    Seen twice on the stream path when a client disconnects early: a cancel
-    arriving during a redis-py command returns from the command normally, and
-    Hypercorn swallows one that arrives while it closes the connection.
-    Either way the stream would then wait forever, registered with the hub.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError()
 
 
 class Feed:

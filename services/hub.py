@@ -25,7 +25,14 @@ from services import metrics
 from services.errors import BrokerUnavailable
 from services.events import Event
 from services.keys import Keys
-from services.redisconn import BROKER_IO_ERRORS, MAIN_SHARD, Broker, Redis
+from services.redisconn import (
+    BROKER_IO_ERRORS,
+    MAIN_SHARD,
+    Broker,
+    Redis,
+    cancel_and_wait,
+    raise_lost_cancel,
+)
 from services.viewers import REFRESH_S, ViewerCounts
 
 log = logging.getLogger(__name__)
@@ -192,6 +199,7 @@ class _Shard:
                     await self._connect()
                     backoff = BACKOFF_MIN_S
                 message = await self._pubsub.get_message(timeout=1.0)
+                raise_lost_cancel()
                 if message is not None:
                     self._dispatch(message)
             except asyncio.CancelledError:
@@ -281,12 +289,9 @@ class Hub:
         ]
 
     async def stop(self) -> None:
-        tasks = self._tasks + list(self._pending) + [s.task for s in self._shards.values()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(
+            self._tasks + list(self._pending) + [s.task for s in self._shards.values()]
+        )
         for shard in self._shards.values():
             await shard.close()
         with contextlib.suppress(Exception):
@@ -410,3 +415,4 @@ class Hub:
                 await self._counts.report(counts, self.node_id)
             except BrokerUnavailable:
                 self._dirty.update(dirty)
+            raise_lost_cancel()

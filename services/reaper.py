@@ -17,7 +17,7 @@ from services.jobs import now_iso
 from services.keys import Keys
 from services.logs import job_scope
 from services.queue import JobQueue, TakenOver
-from services.redisconn import Redis
+from services.redisconn import Redis, raise_lost_cancel
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Reaper:
                 pass
             except Exception:
                 log.exception("reaper pass failed")
+            raise_lost_cancel()
             await asyncio.sleep(SCAN_INTERVAL_S)
 
     async def reap_once(self) -> int:

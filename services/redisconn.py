@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -142,3 +144,31 @@ def broker_errors() -> Iterator[None]:
         yield
     except BROKER_IO_ERRORS as exc:
         raise BrokerUnavailable(f"the broker is unreachable: {exc}") from exc
+
+
+def raise_lost_cancel() -> None:
+    """Raise ``CancelledError`` if this task was asked to stop but the request
+    never reached it.
+
+    A cancel that arrives during a redis-py command can come back as a normal
+    return (seen on the stream path, where a client that left at once stayed
+    registered forever, and in background loops, which then never stopped).
+    Call it after awaiting redis-py wherever a task must end when cancelled.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
+STOP_TIMEOUT_S = 2.0
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Cancel ``tasks`` and wait for them, but no longer than ``timeout_s``:
+    shutdown must end even if a cancel got lost (see ``raise_lost_cancel``)."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        _done, pending = await asyncio.wait(tasks, timeout=timeout_s)
+        for task in pending:
+            logging.getLogger(__name__).error("task %s did not stop when cancelled", task)

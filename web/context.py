@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 from quart import current_app
@@ -15,7 +14,7 @@ from services.jobs import JobStore
 from services.keys import Keys
 from services.limits import StreamsPerClient
 from services.reaper import Reaper
-from services.redisconn import Broker, Redis
+from services.redisconn import Broker, Redis, cancel_and_wait
 from services.viewer_tokens import ViewerTokens
 
 
@@ -77,10 +76,7 @@ class Context:
         self.tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self.tasks)
         await self.hub.stop()
         await self.redis.aclose()
 

@@ -9,7 +9,8 @@ from quart_schema import document_querystring, document_response
 
 from services import metrics
 from services.events import Event
-from services.feed import Feed, raise_lost_cancel
+from services.feed import Feed
+from services.redisconn import raise_lost_cancel
 from services.resume import parse_last_event_id
 from web.api import job_id_or_404
 from web.auth import require_viewer

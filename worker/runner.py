@@ -18,7 +18,7 @@ from services.keys import Keys
 from services.logs import set_job_id
 from services.queue import RENEW_FRACTION, Claim, JobQueue, Started
 from services.reaper import Reaper
-from services.redisconn import Redis, broker_errors
+from services.redisconn import Redis, broker_errors, raise_lost_cancel
 from worker.backends.base import Backend
 from worker.generate import pump
 
@@ -235,6 +235,7 @@ class Worker:
                         owned, cancel = await self.queue.cancel_requested(job_id, owner)
                 except BrokerUnavailable:
                     continue  # keep generating; the lease decides if this lasts
+                raise_lost_cancel()
                 if not owned:
                     raise Fenced(f"job {job_id}: lease lost")
                 if cancel:
