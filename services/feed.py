@@ -15,6 +15,7 @@ from services import metrics
 from services.errors import BrokerUnavailable
 from services.eventlog import EventLog
 from services.events import DONE, FAILED, Event, done_data
+from services.history import FinishedLogs
 from services.hub import Hub, Viewer
 from services.redisconn import raise_lost_cancel
 from services.resume import coalesce, next_run
@@ -45,15 +46,17 @@ class Feed:
         keepalive_s: float,
         grace_s: float,
         stopping: Callable[[], bool] = lambda: False,
+        history: FinishedLogs | None = None,
     ):
         self.hub = hub
         self.log = log
+        self.history = history
         self.job_exists = job_exists
         self.keepalive_s = keepalive_s
         self.grace_s = grace_s
         self.stopping = stopping
 
-    async def open(self, job_id: str, after: int) -> FeedSession | None:
+    async def open(self, job_id: str, after: int, finished: bool = False) -> FeedSession | None:
         """Register a viewer with the hub (before any history is read), or
         ``None`` when the broker cannot be reached: the stream then ends and
         the client reconnects."""
@@ -65,9 +68,13 @@ class Feed:
         metrics.OPEN_STREAMS.inc()
         if after:
             metrics.RESUMES.inc()
-        return FeedSession(self, viewer, after)
+        return FeedSession(self, viewer, after, finished)
 
-    async def _read_log(self, viewer: Viewer, sent: int) -> list[Event]:
+    async def _read_log(self, viewer: Viewer, sent: int, finished: bool = False) -> list[Event]:
+        if finished and self.history is not None:
+            finished_log = await self.history.get(viewer.job_id)
+            if finished_log is not None:
+                return finished_log.after(sent)  # the rest of the job, merged, shared
         events = await self.log.read(viewer.job_id, sent, LOG_PAGE)
         if len(events) == LOG_PAGE:
             viewer.lagging = True  # more to read before going live
@@ -99,10 +106,11 @@ class FeedSession:
     leaving the stream registered forever.
     """
 
-    def __init__(self, feed: Feed, viewer: Viewer, after: int):
+    def __init__(self, feed: Feed, viewer: Viewer, after: int, finished: bool = False):
         self.feed = feed
         self.viewer = viewer
         self.sent = after  # ``viewer.lagging`` starts true: the first step reads the log
+        self.finished = finished  # the job had ended when the stream opened
         self.quiet_since = time.monotonic()
         self.outage_since: float | None = None
         self.ended = False
@@ -115,7 +123,7 @@ class FeedSession:
                 viewer.lagging = False
                 viewer.take()  # the log read below covers whatever was buffered
                 try:
-                    batch = await feed._read_log(viewer, self.sent)
+                    batch = await feed._read_log(viewer, self.sent, self.finished)
                     raise_lost_cancel()
                     self.outage_since = None
                 except BrokerUnavailable:

@@ -9,6 +9,7 @@ from quart import current_app
 
 from services.config import Settings
 from services.eventlog import EventLog
+from services.history import FinishedLogs
 from services.hub import Hub
 from services.jobs import JobStore
 from services.keys import Keys
@@ -28,6 +29,7 @@ class Context:
     hub: Hub
     reaper: Reaper
     viewer_tokens: ViewerTokens | None = None
+    history: FinishedLogs | None = None
     client_streams: StreamsPerClient = field(default_factory=lambda: StreamsPerClient(1000))
     draining: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
@@ -59,16 +61,18 @@ class Context:
         tokens = (
             ViewerTokens(settings.secret, settings.viewer_token_ttl_s) if settings.secret else None
         )
+        log = EventLog(redis, keys)
         return cls(
             settings,
             redis,
             keys,
             store,
-            EventLog(redis, keys),
+            log,
             hub,
             reaper,
-            tokens,
-            StreamsPerClient(settings.max_streams_per_client),
+            viewer_tokens=tokens,
+            history=FinishedLogs(log),
+            client_streams=StreamsPerClient(settings.max_streams_per_client),
         )
 
     async def start(self) -> None:

@@ -60,7 +60,9 @@ async def job_events(job_id: str) -> Response:
         encode, retry_ms = ChunkEncoder.for_job(state, include_usage).frame, None
     else:
         encode, retry_ms = native_frame, context.settings.retry_ms
-    return await stream_response(event_stream(context, job_id, after, encode, retry_ms))
+    return await stream_response(
+        event_stream(context, job_id, after, encode, retry_ms, position.finished)
+    )
 
 
 async def stream_response(
@@ -101,6 +103,7 @@ def feed_for(context: Context) -> Feed:
         keepalive_s=settings.keepalive_s,
         grace_s=settings.broker_grace_s,
         stopping=lambda: context.draining,
+        history=context.history,
     )
 
 
@@ -110,6 +113,7 @@ def event_stream(
     after: int,
     encode: Callable[[Event], bytes],
     retry_ms: int | None,
+    finished: bool = False,
 ) -> AsyncIterator[bytes]:
     """The job's events after ``after``, each encoded by ``encode``.
 
@@ -117,7 +121,7 @@ def event_stream(
     format: its official client cannot parse a block without ``data``).
     """
     # Read now: the generator runs after the handler returns, outside the request.
-    return _event_stream(context, job_id, after, encode, retry_ms, client_address())
+    return _event_stream(context, job_id, after, encode, retry_ms, finished, client_address())
 
 
 async def _event_stream(
@@ -126,6 +130,7 @@ async def _event_stream(
     after: int,
     encode: Callable[[Event], bytes],
     retry_ms: int | None,
+    finished: bool,
     address: str,
 ) -> AsyncIterator[bytes]:
     context.client_streams.opened(address)
@@ -134,7 +139,7 @@ async def _event_stream(
         if retry_ms is not None:
             yield retry_frame(retry_ms)
             raise_lost_cancel()
-        session = await feed_for(context).open(job_id, after)
+        session = await feed_for(context).open(job_id, after, finished)
         while session is not None:
             batch = await session.next()
             if batch is None:
