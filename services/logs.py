@@ -54,6 +54,7 @@ class _Scope:
     request_id: str | None = None
     job_id: str | None = None
     ended: bool = False
+    events: int = 0  # events an event stream wrote (``count_events``)
 
 
 _scope: contextvars.ContextVar[_Scope | None] = contextvars.ContextVar(
@@ -81,6 +82,14 @@ def set_job_id(job_id: str) -> None:
         scope.job_id = job_id
     else:
         _scope.set(_Scope(job_id=job_id))
+
+
+def count_events(count: int) -> None:
+    """Add ``count`` to the events the current request's stream wrote (for its
+    access line); the stream knows them, so the middleware need not scan bytes."""
+    scope = _scope.get()
+    if scope is not None:
+        scope.events += count
 
 
 @contextlib.contextmanager
@@ -280,6 +289,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_and_count)
         finally:
+            sent.events = request.events
             sent.log(scope, (time.perf_counter() - started) * 1000)
             request.ended = True
             _scope.reset(token)
@@ -304,8 +314,6 @@ class _Sent:
 
     def body(self, chunk: bytes) -> None:
         self.bytes += len(chunk)
-        if self.stream:  # every event frame, and only they, has a line starting "id: "
-            self.events += chunk.startswith(b"id: ") + chunk.count(b"\nid: ")
 
     def log(self, scope: MutableMapping[str, Any], duration_ms: float) -> None:
         method = str(scope.get("method", ""))

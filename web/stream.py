@@ -10,6 +10,7 @@ from quart_schema import document_querystring, document_response
 from services import metrics
 from services.events import Event
 from services.feed import Feed
+from services.logs import count_events
 from services.redisconn import raise_lost_cancel
 from services.resume import parse_last_event_id
 from web.api import job_id_or_404
@@ -149,6 +150,7 @@ async def _event_stream(
             else:
                 frames = b"".join(encode(event) for event in batch)
                 metrics.BYTES_SENT.inc(len(frames))
+                count_events(len(batch))
                 yield frames
             raise_lost_cancel()
     finally:

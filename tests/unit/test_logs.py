@@ -85,9 +85,16 @@ def stream_app(job_id: str = "JOB-1"):
         logging.getLogger("tokencast.test").info("inside the request")
         headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        for chunk in (b"retry: 1000\n\n", b"id: 1\nevent: start\ndata: {}\n\n", b": keepalive\n\n"):
+        # Like web/stream.py: the stream reports the events it writes.
+        for chunk, events in (
+            (b"retry: 1000\n\n", 0),
+            (b"id: 1\nevent: start\ndata: {}\n\n", 1),
+            (b": keepalive\n\n", 0),
+        ):
+            logs.count_events(events)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
         body = b"id: 2\nevent: token\ndata: {}\n\nid: 3\nevent: done\ndata: {}\n\n"
+        logs.count_events(2)
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
     return app
