@@ -42,16 +42,9 @@ class Event:
         self.appended_ms = appended_ms
         self.frames: dict[str, bytes] = {}
 
-    @property
-    def is_terminal(self) -> bool:
-        return self.name == DONE
-
     def payload(self) -> dict[str, Any]:
         result: dict[str, Any] = json.loads(self.data)
         return result
-
-    def to_message(self) -> str:
-        return f"{self.id} {self.appended_ms} {self.name} {self.data}"
 
     @classmethod
     def from_message(cls, message: str) -> Event:

@@ -18,7 +18,8 @@ import json
 from collections import OrderedDict
 
 from services.eventlog import EventLog
-from services.events import DONE, TOKEN, Event, token_data
+from services.events import DONE, TOKEN, Event
+from services.resume import coalesce
 
 MAX_JOBS = 32
 MAX_POSITIONS = 64
@@ -37,29 +38,11 @@ class FinishedLog:
         """Everything after id ``sent``, consecutive tokens merged into one event."""
         batch = self._batches.get(sent)
         if batch is None:
-            batch = self._merge(sent)
+            batch = coalesce(self.events[sent:], text_of=lambda event: self.texts[event.id - 1])
             self._batches[sent] = batch
             if len(self._batches) > MAX_POSITIONS:
                 self._batches.popitem(last=False)
         return batch
-
-    def _merge(self, sent: int) -> list[Event]:
-        merged: list[Event] = []
-        first: int | None = None
-        for index in range(sent, len(self.events) + 1):
-            event = self.events[index] if index < len(self.events) else None
-            if event is not None and event.name == TOKEN:
-                first = event.id if first is None else first
-                continue
-            if first is not None:  # a run of tokens ended at id index
-                text = "".join(self.texts[first - 1 : index])
-                single = index == first
-                data = token_data(text, None if single else first)
-                merged.append(Event(index, TOKEN, data))
-                first = None
-            if event is not None:
-                merged.append(event)
-        return merged
 
 
 class FinishedLogs:

@@ -52,7 +52,7 @@ BACKOFF_MAX_S = 2.0
 class Viewer:
     """One open stream's inbox: a bounded buffer of live events."""
 
-    __slots__ = ("_buffer", "_due", "_wakeup", "job_id", "lagging", "limit", "overflows")
+    __slots__ = ("_buffer", "_due", "_wakeup", "job_id", "lagging", "limit")
 
     def __init__(self, job_id: str, limit: int):
         self.job_id = job_id
@@ -61,7 +61,6 @@ class Viewer:
         self._wakeup = asyncio.Event()
         # A new viewer starts lagging: it reads the log before anything live.
         self.lagging = True
-        self.overflows = 0
         self._due = False  # a wake-up is scheduled by the hub's linger
 
     def push(self, event: Event) -> bool:
@@ -69,7 +68,6 @@ class Viewer:
         if len(self._buffer) >= self.limit:
             # Too far behind: free the buffer and catch up from the log instead.
             self._buffer.clear()
-            self.overflows += 1
             metrics.CATCH_UPS.inc()
             self.resync()
             return False
@@ -211,7 +209,6 @@ class _Shard:
                 await self.close()
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
-                self.hub.reconnects += 1
                 metrics.PUBSUB_RECONNECTS.inc()
 
     def _dispatch(self, message: dict) -> None:
@@ -274,7 +271,6 @@ class Hub:
         self._wakeups: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()  # set while no viewer is attached
         self.idle.set()
-        self.reconnects = 0
 
     # Lifecycle.
 

@@ -16,7 +16,7 @@ from typing import Any
 from services import metrics
 from services.errors import JobFinished, JobNotFound, QueueFull
 from services.eventlog import LUA_LOG_LIB
-from services.events import CANCELLED, TERMINAL_STATUSES, done_data
+from services.events import CANCELLED, done_data
 from services.keys import Keys
 from services.queue import JobQueue
 from services.redisconn import Redis, broker_errors, register_log_script
@@ -234,7 +234,3 @@ class JobStore:
         if outcome == "finished":
             raise JobFinished(f"job {job_id} has already finished")
         return await self.get(job_id)
-
-
-def is_terminal(status: str) -> bool:
-    return status in TERMINAL_STATUSES

@@ -9,7 +9,7 @@ reconnect). ``next_run`` picks out exactly the events to send next, and
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from services.events import TOKEN, Event, token_data
 
@@ -55,12 +55,18 @@ def next_run(events: Iterable[Event], sent: int) -> tuple[list[Event], bool]:
     return run, False
 
 
-def coalesce(events: list[Event]) -> list[Event]:
+def token_text(event: Event) -> str:
+    text: str = json.loads(event.data)["text"]
+    return text
+
+
+def coalesce(events: list[Event], text_of: Callable[[Event], str] = token_text) -> list[Event]:
     """Merge each run of consecutive ``token`` events into one.
 
     A merged event carries the last merged id, the concatenated text and
     ``first_id``, the id of the first event it merged. Single tokens and
-    other events pass through unchanged.
+    other events pass through unchanged. ``text_of`` gives a token's text
+    (a caller that parsed the texts already passes its own).
     """
     merged: list[Event] = []
     run: list[Event] = []
@@ -69,7 +75,7 @@ def coalesce(events: list[Event]) -> list[Event]:
         if len(run) == 1:
             merged.append(run[0])
         elif run:
-            text = "".join(json.loads(event.data)["text"] for event in run)
+            text = "".join(text_of(event) for event in run)
             merged.append(Event(run[-1].id, TOKEN, token_data(text, first_id=run[0].id)))
         run.clear()
 

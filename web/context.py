@@ -30,7 +30,9 @@ class Context:
     reaper: Reaper
     viewer_tokens: ViewerTokens | None = None
     history: FinishedLogs | None = None
-    client_streams: StreamsPerClient = field(default_factory=lambda: StreamsPerClient(1000))
+    client_streams: StreamsPerClient = field(
+        default_factory=lambda: StreamsPerClient(Settings.max_streams_per_client)
+    )
     draining: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
 

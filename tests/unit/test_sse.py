@@ -31,6 +31,7 @@ def test_retry_and_keepalive_frames():
     assert KEEPALIVE_FRAME == b": keepalive\n\n"
 
 
-def test_message_round_trip():
-    event = Event(12, "token", token_data("a b c"))
-    assert Event.from_message(event.to_message()) == event
+def test_message_as_the_append_script_publishes_it():
+    event = Event.from_message('12 1795562344313 token {"text":"a b c"}')
+    assert event == Event(12, "token", token_data("a b c"))
+    assert event.appended_ms == 1795562344313
