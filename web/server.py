@@ -20,6 +20,7 @@ from hypercorn.config import Config
 from quart import Quart
 
 from services.config import Settings
+from services.runtime import tune_gc
 from web.context import Context
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ async def serve_app(
         log.info("drained; %d streams left", context.hub.viewer_total)
 
     config = hypercorn_config(host, port, context.settings.drain_s, fd)
+    tune_gc()
     await serve(app, config, shutdown_trigger=trigger)
 
 

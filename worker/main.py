@@ -9,6 +9,7 @@ from prometheus_client import start_http_server
 
 from services.config import Settings
 from services.redisconn import Broker
+from services.runtime import tune_gc
 from worker.backends.base import Backend
 from worker.backends.demo import DemoBackend
 from worker.runner import Worker
@@ -46,6 +47,7 @@ async def run_worker(settings: Settings, broker: Broker) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop)
+    tune_gc()
     try:
         await worker.run()
     finally:

@@ -28,6 +28,7 @@ from services.events import COMPLETED
 from services.jobs import now_iso
 from services.keys import Keys
 from services.redisconn import connect
+from services.runtime import tune_gc
 from worker.generate import pump
 
 OWNER = "bench-publisher"
@@ -59,6 +60,7 @@ def run(conn: Connection, redis_url: str, prefix: str, progress: Sequence[int] |
 
     loop = uvloop.new_event_loop()
     publisher = Publisher(redis_url, prefix, progress)
+    tune_gc()  # as a worker process does
     try:
         spec: PublishSpec = conn.recv()[1]
         conn.send(("ready", loop.run_until_complete(publisher.prepare(spec))))
