@@ -111,9 +111,16 @@ class FeedSession:
         self.viewer = viewer
         self.sent = after  # ``viewer.lagging`` starts true: the first step reads the log
         self.finished = finished  # the job had ended when the stream opened
-        self.quiet_since = time.monotonic()
+        self.quiet_since = 0.0
+        self._quiet_from_now()
         self.outage_since: float | None = None
         self.ended = False
+
+    def _quiet_from_now(self) -> None:
+        """Something was just sent: the next keepalive, and the hub's tick
+        that wakes the viewer for it, are ``keepalive_s`` away."""
+        self.quiet_since = time.monotonic()
+        self.viewer.tick_after = self.quiet_since + self.feed.keepalive_s
 
     async def next(self) -> list[Event] | None:
         feed, viewer = self.feed, self.viewer
@@ -121,7 +128,6 @@ class FeedSession:
             batch: list[Event] = []
             if viewer.lagging:
                 viewer.lagging = False
-                viewer.take()  # the log read below covers whatever was buffered
                 try:
                     batch = await feed._read_log(viewer, self.sent, self.finished)
                     raise_lost_cancel()
@@ -131,18 +137,20 @@ class FeedSession:
                     self.outage_since = self.outage_since or time.monotonic()
                     if time.monotonic() - self.outage_since > feed.grace_s:
                         break
+                    viewer.tick_after = 0.0  # retry at the hub's next tick
                     await viewer.wait()  # the hub's resubscribe, or its next tick
             else:
                 await viewer.wait()
-                events = viewer.take()
-                if events:
-                    batch, gap = next_run(events, self.sent)
-                    if gap:
-                        viewer.lagging = True
+                events = viewer.take(self.sent)
+                if events and events[0].id == self.sent + 1:
+                    batch = events  # consecutive ids: exactly what comes next
+                elif events:  # fell behind the job's live buffer, or pub/sub skipped ids
+                    viewer.lagging = True
+                    metrics.CATCH_UPS.inc()
                 elif feed.hub.disconnected_for(viewer.job_id) > feed.grace_s:
                     break
             if batch:
-                self.quiet_since = time.monotonic()
+                self._quiet_from_now()
                 self.sent = batch[-1].id
                 self.ended = batch[-1].name == DONE
                 metrics.EVENTS_SENT.inc(len(batch))
@@ -151,7 +159,7 @@ class FeedSession:
                     metrics.PUBLISH_TO_SEND.observe(max(lag_s, 0.0))
                 return batch
             if time.monotonic() - self.quiet_since >= feed.keepalive_s:
-                self.quiet_since = time.monotonic()
+                self._quiet_from_now()
                 return KEEPALIVE
         self.ended = True
         return []

@@ -31,7 +31,8 @@ EVENTS_SENT = Counter(
 BYTES_SENT = Counter("tokencast_bytes_sent", "Bytes of event streams written to viewers")
 RESUMES = Counter("tokencast_resumes", "Streams opened with a Last-Event-ID after event 0")
 CATCH_UPS = Counter(
-    "tokencast_catch_ups", "Times a viewer fell behind its buffer and caught up from the log"
+    "tokencast_catch_ups",
+    "Times a viewer fell behind its job's live buffer and caught up from the log",
 )
 PUBSUB_RECONNECTS = Counter(
     "tokencast_pubsub_reconnects", "Times a pub/sub connection to the broker was re-made"

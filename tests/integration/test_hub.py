@@ -12,7 +12,7 @@ from services.errors import Fenced
 from services.eventlog import EventLog, JobWriter
 from services.events import COMPLETED, Event
 from services.feed import Feed
-from services.hub import Hub, Viewer
+from services.hub import Hub, Viewer, _Topic
 from services.jobs import JobStore, now_iso
 from services.keys import Keys
 from services.redisconn import MAIN_SHARD, RedisBroker, connect
@@ -133,6 +133,34 @@ async def test_event_published_between_history_read_and_live_is_delivered_once(
         assert text_of(got) == "abRACE"
 
 
+async def test_quiet_viewer_is_woken_for_its_keepalive_not_every_tick(redis_url, keys, monkeypatch):
+    wakes: list[float] = []
+    real_tick = Viewer.tick
+
+    def counted_tick(self: Viewer) -> None:
+        wakes.append(time.monotonic())
+        real_tick(self)
+
+    monkeypatch.setattr(Viewer, "tick", counted_tick)
+    harness = Harness(redis_url, keys)
+    harness.hub.tick_s = 0.05
+    async with harness as h:
+        writer = await bare_job(h.redis, keys, "quiet-job")
+        await writer.start("demo", now_iso())
+        session = await h.feed(keepalive_s=0.5).open("quiet-job", 0)
+        assert session is not None
+        try:
+            assert [e.id for e in await session.next()] == [1]
+            quiet_from = time.monotonic()
+            assert await asyncio.wait_for(session.next(), 5) is None  # the keepalive
+            waited = time.monotonic() - quiet_from
+        finally:
+            session.close()
+    assert 0.45 <= waited < 1.0
+    # About ten ticks passed; the viewer was woken only when its keepalive was due.
+    assert len(wakes) == 1
+
+
 async def test_event_both_in_history_and_buffer_is_sent_once(redis_url, keys, monkeypatch):
     async with Harness(redis_url, keys) as h:
         writer = await bare_job(h.redis, keys, "dup-job")
@@ -178,7 +206,7 @@ async def test_live_frames_are_shared_between_viewers(redis_url, keys):
         await writer.start("demo", now_iso())
         await asyncio.wait_for(a.wait(), 6)
         await asyncio.wait_for(b.wait(), 6)
-        (event_a,), (event_b,) = a.take(), b.take()
+        (event_a,), (event_b,) = a.take(0), b.take(0)
         assert event_a is event_b  # one Event object, so one encoding per node
         h.hub.detach(a)
         h.hub.detach(b)
@@ -211,13 +239,13 @@ async def test_slow_viewer_catches_up_from_the_log_with_a_bounded_buffer(
 ):
     limit = 16
     peak = {"len": 0}
-    real_push = Viewer.push
+    real_add = _Topic.add_event
 
-    def measuring_push(self, event):
-        real_push(self, event)
-        peak["len"] = max(peak["len"], len(self))
+    def measuring_add(self, event):
+        real_add(self, event)
+        peak["len"] = max(peak["len"], len(self.events))
 
-    monkeypatch.setattr(Viewer, "push", measuring_push)
+    monkeypatch.setattr(_Topic, "add_event", measuring_add)
     tokens = [f" t{i}" for i in range(2000)]
     async with Harness(redis_url, keys, viewer_buffer=limit) as h:
         writer = await bare_job(h.redis, keys, "slow-job")
@@ -304,3 +332,20 @@ async def test_a_retried_append_is_applied_once_and_a_stale_writer_is_fenced(red
         with pytest.raises(Fenced, match="another writer owns"):
             await other.append_tokens(["x"])
         assert [e.id for e in await h.log.read("idem-job", 0)] == [1, 2, 3]
+
+
+def test_job_buffer_keeps_recent_live_events_and_gives_each_viewer_the_newer_ones():
+    topic = _Topic("buffer-job", "channel", shard=None, limit=10)
+    for event_id, appended_ms in [(1, 0), (2, 1000), (3, 2500), (4, 2600), (5, 2700), (6, 3100)]:
+        topic.add_event(Event(event_id, "token", '{"text":"x"}', appended_ms))
+    # Older than KEEP_LIVE_MS (2 s) behind the newest: dropped.
+    assert [event.id for event in topic.events] == [3, 4, 5, 6]
+    assert [event.id for event in topic.since(4)] == [5, 6]
+    assert topic.since(6) == []
+    # Behind the buffer: what it has starts past id 2, so the viewer re-reads the log.
+    assert [event.id for event in topic.since(1)] == [3, 4, 5, 6]
+    topic.add_event(Event(5, "token", '{"text":"again"}', 3200))  # a repeat: ignored
+    assert [event.id for event in topic.events] == [3, 4, 5, 6]
+    topic.add_event(Event(9, "token", '{"text":"x"}', 3300))  # ids skipped: start over
+    assert [event.id for event in topic.events] == [9]
+    assert [event.id for event in topic.since(6)] == [9]  # starts past 7: a gap
