@@ -151,8 +151,8 @@ async def chat_completions() -> Response:
         headers[VIEWER_TOKEN_HEADER] = token
     if chat.stream:
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        encode = ChunkEncoder.for_job(state, include_usage).frame
-        return await stream_response(event_stream(context, state.id, 0, encode, None), headers)
+        encoding = ChunkEncoder.for_job(state, include_usage).encoding()
+        return stream_response(event_stream(context, state.id, 0, encoding, None), headers)
     return await _completion(context, state, headers)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from services.events import DONE, FAILED, START, TOKEN, Event, dumps
 from services.jobs import JobState
 from web.models import InvalidField
+from web.sse import Encoding
 
 CHUNK = "chat.completion.chunk"
 COMPLETION = "chat.completion"
@@ -81,6 +82,9 @@ class ChunkEncoder:
     @property
     def cache_key(self) -> str:
         return "openai+usage" if self.include_usage else "openai"
+
+    def encoding(self) -> Encoding:
+        return Encoding(self.cache_key, self.frame)
 
     def frame(self, event: Event) -> bytes:
         frame = event.frames.get(self.cache_key)

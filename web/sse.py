@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 from services.events import Event
 
 NATIVE = "native"
@@ -26,3 +29,31 @@ def native_frame(event: Event) -> bytes:
         frame = f"id: {event.id}\nevent: {event.name}\ndata: {event.data}\n\n".encode()
         event.frames[NATIVE] = frame
     return frame
+
+
+class Encoding(NamedTuple):
+    """How one output format turns events into bytes."""
+
+    key: str  # names the format's frames in ``Event.frames``
+    frame: Callable[[Event], bytes]  # one event's frame, cached on the event
+
+    def frames(self, batch: list[Event], after: int) -> bytes:
+        """The frames of ``batch`` (the events after id ``after``), joined.
+
+        Cached on the batch's last event, keyed by ``after``, which with the
+        last event determines the batch: viewers in step with each other
+        (the usual case: they all got the same live events) share one bytes
+        object. With 1,000 viewers of one job, joining per viewer was a
+        quarter of the web process's CPU (make bench S5 profile).
+        """
+        if len(batch) == 1:
+            return self.frame(batch[0])
+        last = batch[-1]
+        key = f"{self.key}>{after}"
+        joined = last.frames.get(key)
+        if joined is None:
+            joined = last.frames[key] = b"".join(self.frame(event) for event in batch)
+        return joined
+
+
+NATIVE_ENCODING = Encoding(NATIVE, native_frame)

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from services.events import Event, done_data, token_data
-from web.sse import KEEPALIVE_FRAME, native_frame, retry_frame
+from web.sse import KEEPALIVE_FRAME, NATIVE_ENCODING, native_frame, retry_frame
 
 
 @pytest.mark.parametrize(
@@ -35,3 +35,14 @@ def test_message_as_the_append_script_publishes_it():
     event = Event.from_message('12 1795562344313 token {"text":"a b c"}')
     assert event == Event(12, "token", token_data("a b c"))
     assert event.appended_ms == 1795562344313
+
+
+def test_a_batch_is_joined_once_for_every_viewer_at_the_same_position():
+    batch = [Event(5, "token", '{"text":"a"}'), Event(6, "token", '{"text":"b"}')]
+    first = NATIVE_ENCODING.frames(batch, 4)
+    assert first == (
+        b'id: 5\nevent: token\ndata: {"text":"a"}\n\nid: 6\nevent: token\ndata: {"text":"b"}\n\n'
+    )
+    assert NATIVE_ENCODING.frames(list(batch), 4) is first  # shared, not joined again
+    # Another position ending at the same event is another batch.
+    assert NATIVE_ENCODING.frames(batch[1:], 5) == b'id: 6\nevent: token\ndata: {"text":"b"}\n\n'
