@@ -30,7 +30,7 @@ from typing import Any
 from deploy.local.cluster import RedisServer, wait_until
 from services.keys import Keys
 from tests.benchmarks import client, procstat, publisher
-from tests.benchmarks.processes import FORK, HOST, Child, Profiler, Server
+from tests.benchmarks.processes import FORK, HOST, SEND_LAG_KEY, Child, Profiler, Server
 from tests.benchmarks.publisher import PublishSpec
 from tests.benchmarks.report import print_profile, print_table, summarise
 
@@ -278,10 +278,26 @@ def measure(
         if "events" in start
         else None,
         "catch_ups": end["catch_ups"] - start["catch_ups"] if "catch_ups" in start else None,
+        "server_p99_ms": send_lag_p99_ms(start, end),
         "client_cpu_s": client_cpu,
         "profiles": [str(p) for p in profiles],
         "nodes": nodes,
     }
+
+
+def send_lag_p99_ms(start: dict[str, float], end: dict[str, float]) -> float | None:
+    """The node's p99 from the Redis append to the write to a viewer's socket
+    (upper edge of its histogram bucket), or ``None`` without its figures."""
+    buckets = sorted(
+        (float(key[len(SEND_LAG_KEY) :]), end[key] - start.get(key, 0.0))
+        for key in end
+        if key.startswith(SEND_LAG_KEY)
+    )
+    if not buckets or not buckets[-1][1]:
+        return None
+    total = buckets[-1][1]  # the +Inf bucket counts every observation
+    upper = next(upper for upper, count in buckets if count >= 0.99 * total)
+    return upper * 1000
 
 
 def percentile(histogram: list[int], q: float) -> float:

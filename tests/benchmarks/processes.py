@@ -22,6 +22,10 @@ HOST = "127.0.0.1"
 DRAIN_S = 2
 FORK = multiprocessing.get_context("fork")
 COUNTERS = {"tokencast_events_sent_total": "events", "tokencast_catch_ups_total": "catch_ups"}
+# The node's own latency histogram (Redis append -> written to the viewer's socket),
+# so the table can tell the server's share of the latency from the rest.
+SEND_LAG_BUCKET = 'tokencast_publish_to_send_seconds_bucket{le="'
+SEND_LAG_KEY = "send_lag_le_"  # + the bucket's upper bound, in ``Server.counters()``
 
 
 class Server:
@@ -78,6 +82,9 @@ class Server:
             name, _, value = line.partition(" ")
             if name in COUNTERS:
                 found[COUNTERS[name]] = float(value)
+            elif name.startswith(SEND_LAG_BUCKET):
+                upper = name[len(SEND_LAG_BUCKET) :].rstrip('"}')
+                found[SEND_LAG_KEY + upper] = float(value)
         return found
 
     def rss(self) -> int:

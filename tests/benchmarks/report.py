@@ -41,6 +41,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         row[key] = max(values) if key in WORST else statistics.median(values)
     for key in ("web_cpu_share", "others_share", "refused", "open_ms_per_stream"):
         row[key] = statistics.median(run[key] for run in runs)
+    lags = [run["server_p99_ms"] for run in runs if run.get("server_p99_ms") is not None]
+    row["server_p99_ms"] = statistics.median(lags) if lags else None
     row["timed_out"] = any(run["timed_out"] for run in runs)
     row["refusals"] = {k: v for run in runs for k, v in run["refusals"].items()}
     row["nodes"] = runs[-1]["nodes"]
@@ -73,6 +75,8 @@ def print_table(rows: dict[str, dict[str, Any]], repeat: int) -> None:
             f"publisher {row['publisher_share']:.0%}",
             f"other processes {row['others_share']:.0%}",
         ]
+        if row["server_p99_ms"] is not None:
+            notes.append(f"server's own p99 (append to socket) <= {row['server_p99_ms']:g} ms")
         if row["refused"]:
             answers = ", ".join(f"{k}: {v[:120]!r}" for k, v in row["refusals"].items())
             notes.append(f"{row['refused']:.0f} streams refused ({answers})")
