@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from services import metrics
 from services.errors import BrokerUnavailable, Fenced, JobFinished
 from services.events import DONE, START, TOKEN, Event, done_data, start_data, token_data
 from services.keys import Keys
-from services.redisconn import Redis, broker_errors, register_log_script
+from services.redisconn import Redis, broker_errors, is_cluster, register_log_script
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,86 @@ def _entry_to_event(entry_id: str | bytes, fields: dict) -> Event:
     return Event(int(entry_id.partition("-")[0]), fields["e"], fields["d"])
 
 
+# At most this many appends go in one pipeline, bounding a round trip's size.
+MAX_PIPELINE = 256
+
+# An append waiting to be sent: the script's keys, its arguments, and where its reply goes.
+_Queued = tuple[list[str], list[str | int], asyncio.Future]
+
+
+class LogAppender:
+    """Runs the append script for every job this process writes, several
+    appends per round trip.
+
+    An append waits while a pipeline is in flight and goes out with every
+    other append queued meanwhile: with one job it is sent at once, with
+    hundreds of jobs each round trip carries many. redis-py's own CPU per
+    command dominates a worker's; in make bench S2 (200 jobs at 30 tokens/s)
+    sharing round trips took the writer from 49 % to 33 % of a core and the
+    viewers' p99 from 104 to 63 ms.
+    On a Redis Cluster each append is its own call.
+    """
+
+    def __init__(self, redis: Redis):
+        self.redis = redis
+        self._script = register_log_script(redis, APPEND_SCRIPT)
+        self._cluster = is_cluster(redis)
+        self._queued: list[_Queued] = []
+        self._sender: asyncio.Task | None = None
+
+    async def append(self, keys: list[str], args: list[str | int]) -> Any:
+        """The script's reply for this job; raises its error reply as
+        ``ResponseError`` and connection failures as redis-py raises them."""
+        if self._cluster:  # redis-py refuses scripts in a cluster's pipelines
+            return await self._script(keys=keys, args=args)
+        future = asyncio.get_running_loop().create_future()
+        self._queued.append((keys, args, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_queued())
+        return await future
+
+    async def _send_queued(self) -> None:
+        batch: list[_Queued] = []
+        try:
+            while self._queued:
+                batch, self._queued = self._queued[:MAX_PIPELINE], self._queued[MAX_PIPELINE:]
+                try:
+                    replies = await self._pipeline(batch)
+                except Exception as exc:  # each caller gets it and decides
+                    replies = [exc] * len(batch)
+                for (_, _, future), reply in zip(batch, replies, strict=True):
+                    if future.done():  # its caller was cancelled; the append went out anyway
+                        continue
+                    if isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self._sender = None
+            # Only if this task was cancelled (the loop is closing): nobody will
+            # send these, so their callers must not wait for ever.
+            for _, _, future in batch + self._queued:
+                future.cancel()
+            self._queued = []
+
+    async def _pipeline(self, batch: list[_Queued]) -> list:
+        """One round trip; the replies in order, error replies as exceptions.
+        A script Redis does not know (a new or restarted server) is loaded and
+        its calls sent again."""
+        sha = self._script.sha
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for keys, args, _ in batch:
+                pipe.evalsha(sha, len(keys), *keys, *args)
+            replies: list = await pipe.execute(raise_on_error=False)
+        unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if unknown:
+            await self.redis.script_load(self._script.script)
+            retried = await self._pipeline([batch[i] for i in unknown])
+            for i, reply in zip(unknown, retried, strict=True):
+                replies[i] = reply
+        return replies
+
+
 @dataclass
 class AppendResult:
     last_id: int
@@ -135,7 +215,7 @@ class JobWriter:
 
     def __init__(
         self,
-        redis: Redis,
+        appender: LogAppender,
         keys: Keys,
         job_id: str,
         owner: str,
@@ -145,7 +225,7 @@ class JobWriter:
         tokens: int = 0,
         retry_s: float = 0.0,
     ):
-        self.redis = redis
+        self.appender = appender
         self.keys = keys
         self.job_id = job_id
         self.owner = owner
@@ -153,7 +233,6 @@ class JobWriter:
         self.last_id = last_id
         self.tokens = tokens
         self.retry_s = retry_s
-        self._script = register_log_script(redis, APPEND_SCRIPT)
 
     async def start(self, model: str, created_at: str) -> AppendResult:
         return await self._append([(START, start_data(self.job_id, model, created_at), "")])
@@ -216,9 +295,7 @@ class JobWriter:
         while True:
             try:
                 with broker_errors():
-                    reply: list = await self._script(
-                        keys=self.keys.job_keys(self.job_id), args=args
-                    )
+                    reply: list = await self.appender.append(self.keys.job_keys(self.job_id), args)
                     return reply
             except BrokerUnavailable:
                 if time.monotonic() + delay > deadline:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 
 from services.errors import BrokerUnavailable, Fenced, JobFinished
-from services.eventlog import JobWriter
+from services.eventlog import JobWriter, LogAppender
 from services.events import CANCELLED, FAILED
 from services.jobs import now_iso
 from services.keys import Keys
@@ -38,6 +38,7 @@ class Reaper:
         self.lease_s = lease_s
         self.retention_s = retention_s
         self.queue = JobQueue(redis, keys)
+        self.appender = LogAppender(redis)
 
     async def run(self) -> None:
         """Scan forever; broker outages are waited out."""
@@ -73,7 +74,7 @@ class Reaper:
 
     async def _end(self, job_id: str, taken: TakenOver) -> None:
         writer = JobWriter(
-            self.redis,
+            self.appender,
             self.keys,
             job_id,
             self.owner,

@@ -11,7 +11,7 @@ import time
 from services import metrics
 from services.config import Settings
 from services.errors import BackendError, BrokerUnavailable, Fenced, JobFinished
-from services.eventlog import JobWriter
+from services.eventlog import JobWriter, LogAppender
 from services.events import CANCELLED, COMPLETED, FAILED, TERMINAL_STATUSES
 from services.jobs import JobSpec, now_iso
 from services.keys import Keys
@@ -57,6 +57,7 @@ class Worker:
         self.blocking_reads = blocking_reads
         self.consumer = f"worker-{settings.node_id}"
         self.queue = JobQueue(redis, self.keys)
+        self.appender = LogAppender(redis)  # shared: appends of all its jobs go out together
         self.reaper = Reaper(
             redis,
             self.keys,
@@ -167,7 +168,7 @@ class Worker:
         raw_spec, created_at = fields
         spec = JobSpec.from_json(raw_spec)
         writer = JobWriter(
-            self.redis,
+            self.appender,
             self.keys,
             job_id,
             owner,

@@ -15,7 +15,6 @@ It runs in its own process and takes orders over a pipe:
 from __future__ import annotations
 
 import asyncio
-import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -23,9 +22,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from services.eventlog import JobWriter
+from services.eventlog import JobWriter, LogAppender
 from services.events import COMPLETED
-from services.jobs import now_iso
+from services.jobs import new_job_id, now_iso
 from services.keys import Keys
 from services.redisconn import connect
 from services.runtime import tune_gc
@@ -74,6 +73,7 @@ def run(conn: Connection, redis_url: str, prefix: str, progress: Sequence[int] |
 class Publisher:
     def __init__(self, redis_url: str, prefix: str, progress: Sequence[int] | None):
         self.redis = connect(redis_url)
+        self.appender = LogAppender(self.redis)  # as a worker process shares one
         self.keys = Keys(prefix)
         self.progress = progress
         self.writers: list[JobWriter] = []
@@ -85,7 +85,7 @@ class Publisher:
         """Create the jobs, each with its ``start`` event (and, for ``history``,
         all its tokens and its ``done``)."""
         for _ in range(spec.jobs):
-            job_id = secrets.token_urlsafe(16)
+            job_id = new_job_id()
             await self.redis.hset(
                 self.keys.job(job_id),
                 mapping={
@@ -98,7 +98,7 @@ class Publisher:
                     "tokens": 0,
                 },
             )
-            writer = JobWriter(self.redis, self.keys, job_id, OWNER, retention_s=RETENTION_S)
+            writer = JobWriter(self.appender, self.keys, job_id, OWNER, retention_s=RETENTION_S)
             await writer.start("demo", now_iso())
             self.writers.append(writer)
         if spec.mode == "history":

@@ -9,7 +9,7 @@ import pytest
 
 from services import metrics
 from services.errors import Fenced
-from services.eventlog import EventLog, JobWriter
+from services.eventlog import EventLog, JobWriter, LogAppender
 from services.events import COMPLETED, Event
 from services.feed import Feed
 from services.hub import Hub, Viewer, _Topic
@@ -22,7 +22,9 @@ pytestmark = pytest.mark.timeout(60)
 OWNER = "test-writer"
 
 
-async def bare_job(redis, keys: Keys, job_id: str) -> JobWriter:
+async def bare_job(
+    redis, keys: Keys, job_id: str, appender: LogAppender | None = None
+) -> JobWriter:
     """A running job owned by the test, and its writer."""
     await redis.hset(
         keys.job(job_id),
@@ -36,7 +38,8 @@ async def bare_job(redis, keys: Keys, job_id: str) -> JobWriter:
             "tokens": 0,
         },
     )
-    return JobWriter(redis, keys, job_id, OWNER, retention_s=60, retry_s=5)
+    appender = appender or LogAppender(redis)
+    return JobWriter(appender, keys, job_id, OWNER, retention_s=60, retry_s=5)
 
 
 class Harness:
@@ -325,10 +328,12 @@ async def test_a_retried_append_is_applied_once_and_a_stale_writer_is_fenced(red
         assert [e.id for e in events] == [1, 2, 3]
         assert await h.redis.get(keys.text("idem-job")) == "ab"
         # A writer whose idea of the log is behind (another writer moved it on) is refused.
-        stale = JobWriter(h.redis, keys, "idem-job", OWNER, retention_s=60, last_id=1)
+        stale = JobWriter(LogAppender(h.redis), keys, "idem-job", OWNER, retention_s=60, last_id=1)
         with pytest.raises(Fenced, match="moved on"):
             await stale.append_tokens(["x"])
-        other = JobWriter(h.redis, keys, "idem-job", "someone-else", retention_s=60, last_id=3)
+        other = JobWriter(
+            LogAppender(h.redis), keys, "idem-job", "someone-else", retention_s=60, last_id=3
+        )
         with pytest.raises(Fenced, match="another writer owns"):
             await other.append_tokens(["x"])
         assert [e.id for e in await h.log.read("idem-job", 0)] == [1, 2, 3]

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import re
-import secrets
 import signal
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from services.eventlog import JobWriter
 from services.events import COMPLETED
-from services.jobs import now_iso
+from services.jobs import new_job_id, now_iso
 from services.keys import Keys
 from tests.integration.test_hub import bare_job
 from tests.support import Cluster, Process, free_port, wait_until
@@ -67,7 +66,7 @@ def gone(pid: int) -> bool:
 
 async def running_job(redis, keys: Keys) -> tuple[str, JobWriter]:
     """A started job owned by the test (no worker involved), and its writer."""
-    job_id = secrets.token_urlsafe(16)  # the API's id format
+    job_id = new_job_id()
     writer = await bare_job(redis, keys, job_id)
     await writer.start("demo", now_iso())
     return job_id, writer
