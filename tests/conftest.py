@@ -54,10 +54,7 @@ async def redis(redis_url: str) -> AsyncIterator:
 @pytest.fixture(scope="module")
 def node(redis_url: str) -> Iterator[Cluster]:
     """One web node and one worker, shared by a module's tests."""
-    cluster = Cluster(redis_url)
-    try:
+    with Cluster(redis_url) as cluster:
         cluster.web()
         cluster.worker()
         yield cluster
-    finally:
-        cluster.close()

@@ -57,6 +57,12 @@ class Cluster:
         for proc in self.procs:
             proc.stop()
 
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def redis_available(port: int = 6379) -> bool:
     try:

@@ -53,13 +53,10 @@ def context(browser) -> Iterator:
 @pytest.fixture(scope="module")
 def site(redis_url: str) -> Iterator[str]:
     """The base URL of one web node with a worker, shared by a module's tests."""
-    cluster = Cluster(redis_url)
-    try:
+    with Cluster(redis_url) as cluster:
         web = cluster.web()
         cluster.worker()
         yield web.url
-    finally:
-        cluster.close()
 
 
 @pytest.fixture

@@ -17,13 +17,10 @@ KEY = "browser-key"
 
 @pytest.fixture(scope="module")
 def secured(redis_url):
-    cluster = Cluster(redis_url, api_keys=KEY, secret="browser-secret")
-    try:
+    with Cluster(redis_url, api_keys=KEY, secret="browser-secret") as cluster:
         web = cluster.web()
         cluster.worker()
         yield web.url
-    finally:
-        cluster.close()
 
 
 def create(url: str, **body) -> dict:

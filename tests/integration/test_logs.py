@@ -50,11 +50,8 @@ def create_job(
 
 @pytest.fixture
 def cluster(redis_url):
-    cluster = Cluster(redis_url, log_format="json")
-    try:
+    with Cluster(redis_url, log_format="json") as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 def test_access_lines_carry_the_job_and_request_ids_and_nothing_secret(cluster):

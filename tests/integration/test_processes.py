@@ -28,11 +28,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def cluster(redis_url):
-    cluster = Cluster(redis_url, lease_seconds="2")
-    try:
+    with Cluster(redis_url, lease_seconds="2") as cluster:
         yield cluster
-    finally:
-        cluster.close()
 
 
 async def test_two_web_nodes_serve_one_job_identically(cluster):

@@ -25,14 +25,11 @@ def redis_cluster():
 
 @pytest.fixture
 def nodes(redis_cluster):
-    cluster = Cluster(redis_cluster.url, redis_cluster="1")
-    try:
+    with Cluster(redis_cluster.url, redis_cluster="1") as cluster:
         cluster.web()
         cluster.web()
         cluster.worker()
         yield cluster
-    finally:
-        cluster.close()
 
 
 def owner_of(redis_cluster: LocalRedisCluster, key: str):

@@ -21,13 +21,10 @@ SECRET = "s3cret-for-tests"
 
 @pytest.fixture(scope="module")
 def secured(redis_url):
-    cluster = Cluster(redis_url, api_keys=f"other-key,{KEY}", secret=SECRET)
-    try:
+    with Cluster(redis_url, api_keys=f"other-key,{KEY}", secret=SECRET) as cluster:
         cluster.web()
         cluster.worker()
         yield cluster.procs[0].url
-    finally:
-        cluster.close()
 
 
 def auth(token: str) -> dict[str, str]:
