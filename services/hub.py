@@ -221,7 +221,9 @@ class _Shard:
                 if self._pubsub is None:
                     await self._connect()
                     backoff = BACKOFF_MIN_S
-                message = await self._pubsub.get_message(timeout=1.0)
+                # No timeout: a timer per read cost more CPU than the message
+                # itself, and a dropped connection ends the read with an error.
+                message = await self._pubsub.get_message(timeout=None)
                 raise_lost_cancel()
                 if message is not None:
                     self._dispatch(message)
