@@ -343,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     client.raise_fd_limit()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # even where the shell started us ignoring it
+    loop_s = procstat.python_loop_seconds()  # before anything else runs
     try:
         rows, every = run_all(args)
     except KeyboardInterrupt:
@@ -350,12 +351,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     print()
     print_table(rows, args.repeat)
+    print(
+        f"  machine: a {procstat.SPEED_LOOP_STEPS:,}-step Python loop took {loop_s:.2f} s of CPU"
+        " (compare tables only from machines with a similar figure)"
+    )
     if args.profile:
         for name, runs in every.items():
             print(f"\nprofile {name} (py-spy, web process(es), measured phase):")
             print_profile([p for run in runs for p in run["profiles"]])
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "runs": every}, indent=1))
+        figures = {"python_loop_s": loop_s, "rows": rows, "runs": every}
+        Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
 
 
