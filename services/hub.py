@@ -223,6 +223,7 @@ class _Shard:
                     backoff = BACKOFF_MIN_S
                 # No timeout: a timer per read cost more CPU than the message
                 # itself, and a dropped connection ends the read with an error.
+                # (redis-py >= 8.1: older ones cut it at the socket timeout.)
                 message = await self._pubsub.get_message(timeout=None)
                 raise_lost_cancel()
                 if message is not None:

@@ -28,6 +28,9 @@ Redis = aredis.Redis
 # handshake; past that, the request gets 503 and retries elsewhere.
 POOL_SIZE = 64
 POOL_WAIT_S = 5.0
+# A command without an answer for this long fails (pub/sub's wait for the
+# next message is not a command: it blocks for as long as it takes).
+SOCKET_TIMEOUT_S = 10.0
 
 
 def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
@@ -43,7 +46,7 @@ def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
         timeout=POOL_WAIT_S,
         decode_responses=decode,
         socket_connect_timeout=2,
-        socket_timeout=10,
+        socket_timeout=SOCKET_TIMEOUT_S,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
@@ -77,7 +80,7 @@ class RedisBroker:
                 self.url,
                 decode_responses=decode,
                 socket_connect_timeout=2,
-                socket_timeout=10,
+                socket_timeout=SOCKET_TIMEOUT_S,
                 retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
             )
             return cluster_client

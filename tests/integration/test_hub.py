@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from services import metrics
+from services import metrics, redisconn
 from services.errors import Fenced
 from services.eventlog import EventLog, JobWriter, LogAppender
 from services.events import COMPLETED, Event
@@ -271,6 +271,28 @@ async def test_slow_viewer_catches_up_from_the_log_with_a_bounded_buffer(
         assert peak["len"] <= limit
         # The slow viewer got merged catch-up frames instead of 2000 single ones.
         assert len(slow_got) < len(fast_got)
+
+
+async def test_an_idle_pubsub_connection_outlives_the_socket_timeout(redis_url, keys, monkeypatch):
+    # The hub waits for messages with a blocking read; redis-py before 8.1
+    # cut such a read at the socket timeout and the hub reconnected.
+    monkeypatch.setattr(redisconn, "SOCKET_TIMEOUT_S", 0.2)
+    reconnects_before = metrics.PUBSUB_RECONNECTS._value.get()
+    async with Harness(redis_url, keys) as h:
+        writer = await bare_job(h.redis, keys, "idle-job")
+        await writer.start("demo", now_iso())
+        session = await h.feed().open("idle-job", 0)
+        assert session is not None
+        try:
+            assert [e.id for e in await session.next()] == [1]
+            await asyncio.sleep(1.0)  # five socket timeouts without a message
+            assert h.hub.healthy()
+            assert metrics.PUBSUB_RECONNECTS._value.get() == reconnects_before
+            await writer.append_tokens([" still live"])
+            batch = await asyncio.wait_for(session.next(), 2)
+            assert [(e.id, e.payload()["text"]) for e in batch] == [(2, " still live")]
+        finally:
+            session.close()
 
 
 async def test_killed_pubsub_connection_loses_no_event(own_redis, keys):
