@@ -19,21 +19,15 @@ def redis_url() -> Iterator[str]:
     elif redis_available(6379):
         yield "redis://127.0.0.1:6379/0"
     else:
-        server = RedisServer().start()
-        try:
+        with RedisServer().start() as server:
             yield server.url
-        finally:
-            server.close()
 
 
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A Redis server this test may kill or restart."""
-    server = RedisServer().start()
-    try:
+    with RedisServer().start() as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -98,6 +98,12 @@ class RedisServer:
         wait_until(self.ping, 10, what=f"redis-server on {self.port}")
         return self
 
+    def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def ping(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
             sock.sendall(b"PING\r\n")

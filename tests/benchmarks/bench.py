@@ -22,7 +22,6 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -369,7 +368,7 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[di
     """Every scenario ``args.repeat`` times on one Redis: the rows and every run's figures."""
     rows: dict[str, dict[str, Any]] = {}
     every: dict[str, list[dict[str, Any]]] = {}
-    with redis_server() as redis:
+    with RedisServer().start() as redis:
         for name in args.names:
             scenario = SCENARIOS[name]
             print(f"{name} {scenario.title}", file=sys.stderr, flush=True)
@@ -386,15 +385,6 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[di
                 )
             rows[name] = summarise(every[name])
     return rows, every
-
-
-@contextlib.contextmanager
-def redis_server() -> Iterator[RedisServer]:
-    redis = RedisServer().start()
-    try:
-        yield redis
-    finally:
-        redis.close()
 
 
 def _interrupt(signum: int, frame: object) -> None:
