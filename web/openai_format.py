@@ -6,7 +6,9 @@ The mapping, for ``POST /v1/chat/completions`` and ``?format=openai`` alike:
 carries top-level ``first_id``); ``done`` completed or cancelled → a chunk
 with an empty delta and ``finish_reason``, the usage chunk when asked for,
 then ``data: [DONE]``; ``done`` failed → one ``{"error": …}`` object, and the
-stream ends. Every chunk has its event's ``id:``; ``[DONE]`` has none.
+stream ends. Every chunk has its event's ``id:``; ``[DONE]`` has none. A
+keepalive is a bare comment line: the official client fails on a blank line
+once it has seen an ``id:``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 from services.events import DONE, FAILED, START, TOKEN, Event, dumps
 from services.jobs import JobState
 from web.models import InvalidField
-from web.sse import Encoding
+from web.sse import COMMENT_KEEPALIVE_FRAME, Encoding
 
 CHUNK = "chat.completion.chunk"
 COMPLETION = "chat.completion"
@@ -84,7 +86,7 @@ class ChunkEncoder:
         return "openai+usage" if self.include_usage else "openai"
 
     def encoding(self) -> Encoding:
-        return Encoding(self.cache_key, self.frame)
+        return Encoding(self.cache_key, self.frame, COMMENT_KEEPALIVE_FRAME)
 
     def frame(self, event: Event) -> bytes:
         frame = event.frames.get(self.cache_key)

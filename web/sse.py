@@ -16,6 +16,10 @@ HEADERS = {
 }
 
 KEEPALIVE_FRAME = b": keepalive\n\n"
+# A comment without the blank line: OpenAI's SDK never resets its last event
+# id, so after any ``id:`` a blank line dispatches an empty event and the SDK
+# fails parsing it. The bare comment joins the next event harmlessly.
+COMMENT_KEEPALIVE_FRAME = b": keepalive\n"
 
 
 def retry_frame(retry_ms: int) -> bytes:
@@ -36,6 +40,7 @@ class Encoding(NamedTuple):
 
     key: str  # names the format's frames in ``Event.frames``
     frame: Callable[[Event], bytes]  # one event's frame, cached on the event
+    keepalive: bytes  # what this format sends when nothing else was sent for a while
 
     def frames(self, batch: list[Event], after: int) -> bytes:
         """The frames of ``batch`` (the events after id ``after``), joined.
@@ -56,4 +61,4 @@ class Encoding(NamedTuple):
         return joined
 
 
-NATIVE_ENCODING = Encoding(NATIVE, native_frame)
+NATIVE_ENCODING = Encoding(NATIVE, native_frame, KEEPALIVE_FRAME)

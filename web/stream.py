@@ -19,7 +19,7 @@ from web.errors import BROKER_RETRY_AFTER_S, error_response
 from web.limits import client_address
 from web.openai_format import ChunkEncoder, include_usage_param
 from web.schemas import ErrorBody, EventsQuery
-from web.sse import HEADERS, KEEPALIVE_FRAME, NATIVE_ENCODING, Encoding, retry_frame
+from web.sse import HEADERS, NATIVE_ENCODING, Encoding, retry_frame
 
 bp = Blueprint("stream", __name__)
 
@@ -145,7 +145,7 @@ async def _event_stream(
             sent = session.sent
             batch = await session.next()
             if batch is None:
-                yield KEEPALIVE_FRAME
+                yield encoding.keepalive
             elif not batch:
                 return
             else:

@@ -11,10 +11,11 @@ import httpx
 import openai
 import pytest
 from httpx_sse import connect_sse
+from openai._streaming import SSEDecoder
 from openai.types.chat import ChatCompletionChunk
 
 from services.jobs import JobSpec
-from tests.support import Cluster, job_state, wait_finished
+from tests.support import Cluster, create_job, job_state, wait_finished
 from web.openai_format import unix_seconds
 from worker.backends.demo import demo_tokens
 
@@ -282,3 +283,57 @@ def test_a_failed_job_without_streaming_is_502(client, url):
     )
     job_id = raised.value.response.headers["x-tokencast-job"]
     assert job_state(url, job_id)["status"] == "failed"
+
+
+# Keepalives between chunks: the official client must read through them.
+
+KEEPALIVE_S = 0.2
+PAUSED = {"tokens_per_second": 2}  # 0.5 s between tokens: two keepalives or more in each gap
+
+
+@pytest.fixture(scope="module")
+def paused_url(redis_url: str) -> Iterator[str]:
+    """A web node and a worker whose streams send a keepalive after 0.2 s of quiet."""
+    with Cluster(redis_url, keepalive_seconds=str(KEEPALIVE_S)) as cluster:
+        web = cluster.web()
+        cluster.worker()
+        yield web.url
+
+
+def demo_text(prompt: str, max_tokens: int) -> str:
+    texts, _count, _finish = demo_tokens(
+        JobSpec(prompt=prompt, model="demo", max_tokens=max_tokens)
+    )
+    return "".join(texts)
+
+
+def test_the_sdk_reads_a_chat_stream_through_keepalives(paused_url):
+    with openai.OpenAI(base_url=f"{paused_url}/v1", api_key="unused", max_retries=0) as sdk:
+        stream = sdk.chat.completions.create(
+            model="demo", messages=HELLO, max_tokens=4, stream=True, extra_body={"demo": PAUSED}
+        )
+        chunks = list(stream)  # raised JSONDecodeError at the first keepalive after an id:
+    assert content(chunks) == demo_text("hello there", 4)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_sdk_decodes_the_openai_events_url_through_keepalives(paused_url):
+    job_id = create_job(paused_url, prompt="keep me alive", max_tokens=4, demo=PAUSED)
+    raw: list[bytes] = []
+
+    def recorded(response: httpx.Response) -> Iterator[bytes]:
+        for data in response.iter_bytes():
+            raw.append(data)
+            yield data
+
+    chunks = []
+    url = f"{paused_url}/v1/jobs/{job_id}/events?format=openai"
+    with httpx.stream("GET", url, timeout=30) as response:
+        for sse in SSEDecoder().iter_bytes(recorded(response)):
+            if sse.data.startswith("[DONE]"):  # as openai.Stream reads it
+                break
+            chunks.append(ChatCompletionChunk.model_validate(sse.json()))
+    assert content(chunks) == demo_text("keep me alive", 4) == job_state(paused_url, job_id)["text"]
+    wire = b"".join(raw)
+    assert wire.count(b": keepalive\n") >= 4  # the test saw the pauses it is about
+    assert b": keepalive\n\n" not in wire

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from services.events import Event, done_data, token_data
+from web.openai_format import ChunkEncoder
 from web.sse import KEEPALIVE_FRAME, NATIVE_ENCODING, native_frame, retry_frame
 
 
@@ -29,6 +30,12 @@ def test_frame_is_encoded_once_and_cached():
 def test_retry_and_keepalive_frames():
     assert retry_frame(1000) == b"retry: 1000\n\n"
     assert KEEPALIVE_FRAME == b": keepalive\n\n"
+
+
+def test_each_format_says_its_keepalive():
+    assert NATIVE_ENCODING.keepalive == b": keepalive\n\n"
+    # No blank line: after an id:, the official client would dispatch it as an empty event.
+    assert ChunkEncoder("job", "demo", 0).encoding().keepalive == b": keepalive\n"
 
 
 def test_message_as_the_append_script_publishes_it():
