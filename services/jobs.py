@@ -49,15 +49,22 @@ def now_iso() -> str:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What a job asks for: already validated by the web tier."""
+    """What a job asks for: already validated by the web tier.
 
-    prompt: str
+    Exactly one of ``prompt`` and ``messages`` is set; ``messages``, ``tools``
+    and ``tool_choice`` are OpenAI's chat fields, as the client sent them.
+    """
+
+    prompt: str | None
     model: str
     max_tokens: int = 256
     temperature: float | None = None
     seed: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)

@@ -23,6 +23,39 @@ PIECES = ["Grüße", " aus", " 東京", " 🎉", "!", " Fin."]
 TEXT = "".join(PIECES)
 SPLIT_PIECE = " 東京"  # its chunk is written in two parts, cut inside "東"
 
+# A tool, and what a chat product sends for its second turn: a system prompt,
+# the question (as text parts), the model's call of the tool, and its result.
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    },
+}
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one short sentence."},
+    {"role": "user", "content": [{"type": "text", "text": "How warm is it in Paris?"}]},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_abc",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_abc", "content": "18C and sunny"},
+]
+
 
 @dataclass
 class Request:

@@ -4,6 +4,7 @@ import pytest
 
 from services.config import Settings
 from services.errors import SettingsError
+from services.jobs import JobSpec
 from worker.backends.demo import DemoBackend
 from worker.backends.openai import OpenAIBackend
 from worker.main import backends_for
@@ -60,19 +61,52 @@ def test_upstream_models_are_served_by_the_openai_backend():
     assert backends["llama"] is backends["qwen"]  # one client, one connection pool
 
 
-def test_the_upstream_request():
-    from services.jobs import JobSpec
-
-    backend = OpenAIBackend(
-        Settings(
-            upstream_base_url="http://127.0.0.1:8000/v1", upstream_models=(("q", "qwen-plus"),)
-        )
+def backend(base_url: str = "http://127.0.0.1:8000/v1") -> OpenAIBackend:
+    return OpenAIBackend(
+        Settings(upstream_base_url=base_url, upstream_models=(("q", "qwen-plus"),))
     )
-    generation = backend.generate(JobSpec(prompt="user: hi", model="q", max_tokens=9))
+
+
+def test_the_upstream_request_of_a_prompt():
+    generation = backend().generate(JobSpec(prompt="hi", model="q", max_tokens=9))
     # temperature and seed are left to the upstream's defaults when the job sets none.
     assert generation.request == {
         "model": "qwen-plus",
-        "messages": [{"role": "user", "content": "user: hi"}],
+        "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 9,
         "stream": True,
     }
+
+
+def test_the_upstream_request_of_a_conversation_with_tools():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    spec = JobSpec(prompt=None, model="q", messages=messages, tools=tools, tool_choice="required")
+    assert backend().generate(spec).request == {
+        "model": "qwen-plus",
+        "messages": messages,
+        "max_tokens": 256,
+        "stream": True,
+        "tools": tools,
+        "tool_choice": "required",
+    }
+
+
+@pytest.mark.parametrize(
+    ("base_url", "field"),
+    [
+        ("https://api.openai.com/v1", "max_completion_tokens"),
+        ("https://my-team.openai.azure.com/openai/v1", "max_completion_tokens"),
+        ("http://127.0.0.1:11434/v1", "max_tokens"),
+        ("https://dashscope-intl.aliyuncs.com/compatible-mode/v1", "max_tokens"),
+        ("https://api.openai.com.example.net/v1", "max_tokens"),
+    ],
+)
+def test_the_answer_is_bounded_by_the_field_the_server_takes(base_url, field):
+    request = backend(base_url).generate(JobSpec(prompt="hi", model="q", max_tokens=9)).request
+    other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
+    assert request[field] == 9
+    assert other not in request

@@ -2,6 +2,8 @@
 
 Its output is a pure function of (prompt, max_tokens, seed): the same request
 always gives the same tokens, so tests and demos can compare texts exactly.
+A conversation (``messages``) is answered as if its last user message were
+the prompt.
 It answers at a natural length between 75 % and 125 % of ``max_tokens``,
 ending with ``stop`` when that is shorter than ``max_tokens``, else with
 ``length``. ``temperature`` is ignored.
@@ -13,6 +15,7 @@ import asyncio
 import hashlib
 import random
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from services.errors import BackendError
 from services.jobs import JobSpec
@@ -34,14 +37,31 @@ every each many several some few quietly slowly clearly truly often always
 """.split()
 
 
-def _rng(spec: JobSpec) -> random.Random:
-    material = f"{spec.prompt}\x00{spec.max_tokens}\x00{spec.seed}".encode()
+def prompt_of(spec: JobSpec) -> str:
+    """The prompt, or the text of the conversation's last user message ("" without one)."""
+    if spec.prompt is not None:
+        return spec.prompt
+    for message in reversed(spec.messages or []):
+        if message["role"] == "user":
+            return _text(message["content"])
+    return ""
+
+
+def _text(content: str | list[dict[str, Any]]) -> str:
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content)
+    return content
+
+
+def _rng(prompt: str, spec: JobSpec) -> random.Random:
+    material = f"{prompt}\x00{spec.max_tokens}\x00{spec.seed}".encode()
     return random.Random(hashlib.sha256(material).digest())
 
 
 def demo_tokens(spec: JobSpec) -> tuple[Iterator[str], int, str]:
     """The token texts, their count, and the finish reason."""
-    rng = _rng(spec)
+    prompt = prompt_of(spec)
+    rng = _rng(prompt, spec)
     natural = max(1, round(spec.max_tokens * rng.uniform(0.75, 1.25)))
     count = min(natural, spec.max_tokens)
     finish_reason = "stop" if natural < spec.max_tokens else "length"
@@ -49,7 +69,7 @@ def demo_tokens(spec: JobSpec) -> tuple[Iterator[str], int, str]:
     def words() -> Iterator[str]:
         yield "You"
         yield " asked:"
-        for word in spec.prompt.split()[:ECHO_WORDS]:
+        for word in prompt.split()[:ECHO_WORDS]:
             yield " " + word
         yield "\n\n"
         while True:

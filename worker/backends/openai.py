@@ -1,8 +1,12 @@
 """The ``openai`` backend: generate from any OpenAI-compatible model server.
 
 A job streams ``POST <TOKENCAST_UPSTREAM_BASE_URL>/chat/completions`` through
-the official ``openai`` client, with the job's prompt as one user message and
-the model name mapped by ``TOKENCAST_UPSTREAM_MODELS``. Each non-empty
+the official ``openai`` client, with the job's messages, tools and tool
+choice as the client sent them (a prompt is one user message), and the model
+name mapped by ``TOKENCAST_UPSTREAM_MODELS``. ``max_tokens`` goes as
+``max_completion_tokens`` to OpenAI's own API (its reasoning models refuse
+``max_tokens``), as ``max_tokens`` to every other server (the field they all
+know). Each non-empty
 ``delta.content`` becomes a token; the upstream ``finish_reason`` ends the
 generation (``length`` stays ``length``, any other reason is ``stop``).
 
@@ -32,6 +36,7 @@ import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 
@@ -48,6 +53,16 @@ QUOTE_CHARS = 300  # of an upstream message or a malformed chunk
 
 TIMEOUT = "upstream_timeout"
 
+# Hosts of OpenAI's own API, whose reasoning models take only max_completion_tokens.
+OPENAI_HOSTS = ("api.openai.com", ".openai.azure.com")
+
+
+def token_limit_field(base_url: str) -> str:
+    """The request field that bounds the answer: what the server's models need."""
+    host = urlsplit(base_url).hostname or ""
+    openai_host = host == OPENAI_HOSTS[0] or host.endswith(OPENAI_HOSTS[1])
+    return "max_completion_tokens" if openai_host else "max_tokens"
+
 
 class OpenAIBackend:
     """Serves the models of ``TOKENCAST_UPSTREAM_MODELS`` from the upstream server."""
@@ -57,6 +72,7 @@ class OpenAIBackend:
             raise ValueError("the openai backend needs TOKENCAST_UPSTREAM_BASE_URL")
         self.settings = settings
         self.base_url = settings.upstream_base_url
+        self.token_limit_field = token_limit_field(self.base_url)
         self.upstream_names = {
             name: upstream for name, upstream in settings.upstream_models if name != "demo"
         }
@@ -73,12 +89,17 @@ class OpenAIBackend:
         return list(self.upstream_names)
 
     def generate(self, spec: JobSpec) -> UpstreamGeneration:
+        messages = spec.messages or [{"role": "user", "content": spec.prompt}]
         request: dict[str, Any] = {
             "model": self.upstream_names[spec.model],
-            "messages": [{"role": "user", "content": spec.prompt}],
-            "max_tokens": spec.max_tokens,
+            "messages": messages,
+            self.token_limit_field: spec.max_tokens,
             "stream": True,
         }
+        if spec.tools is not None:
+            request["tools"] = spec.tools
+        if spec.tool_choice is not None:
+            request["tool_choice"] = spec.tool_choice
         if spec.temperature is not None:
             request["temperature"] = spec.temperature
         if spec.seed is not None:
