@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -16,7 +17,7 @@ from web.auth import require_api_key, require_viewer
 from web.context import ctx
 from web.errors import error_response
 from web.limits import check_create_rate
-from web.models import InvalidField, JobRequest, parse_json_body, validate
+from web.models import InvalidField, JobRequest, NamedToolChoice, parse_json_body, validate_job
 from web.schemas import ErrorBody, JobCreated, JobStateBody, ModelList
 
 bp = Blueprint("api", __name__)
@@ -60,6 +61,7 @@ def model_or_404(requested: str | None) -> str | Response:
 def spec_from(req: JobRequest, model: str) -> JobSpec:
     if req.demo is not None and model != "demo":
         raise InvalidField("demo", "demo options apply to the demo model only")
+    choice = req.tool_choice
     return JobSpec(
         prompt=req.prompt,
         model=model,
@@ -68,7 +70,16 @@ def spec_from(req: JobRequest, model: str) -> JobSpec:
         seed=req.seed,
         metadata=dict(req.metadata),
         demo=req.demo.model_dump(exclude_none=True) if req.demo else {},
+        messages=[message.as_sent() for message in req.messages] if req.messages else None,
+        # An empty list says nothing, and some servers refuse one.
+        tools=[tool.model_dump(exclude_unset=True) for tool in req.tools] if req.tools else None,
+        tool_choice=choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
     )
+
+
+def logged_prompt(spec: JobSpec) -> str:
+    """What the creation log line shows as the prompt (when prompts are logged)."""
+    return spec.prompt if spec.prompt is not None else json.dumps(spec.messages, ensure_ascii=False)
 
 
 def viewer_token_for(job_id: str) -> str | None:
@@ -98,12 +109,13 @@ def created_body(state: JobState) -> dict[str, Any]:
 async def create_job() -> Response:
     require_api_key()
     await check_create_rate()
-    req = validate(JobRequest, await read_json())
+    req = validate_job(await read_json())
     model = model_or_404(req.model)
     if isinstance(model, Response):
         return model
-    state = await ctx().store.create(spec_from(req, model))
-    job_created(state.id, state.model, req.prompt)
+    spec = spec_from(req, model)
+    state = await ctx().store.create(spec)
+    job_created(state.id, state.model, logged_prompt(spec))
     response = jsonify(created_body(state))
     response.status_code = 201
     response.headers["Location"] = f"/v1/jobs/{state.id}"

@@ -1,7 +1,8 @@
 """``POST /v1/chat/completions``: OpenAI's chat API, answered by a tokencast job.
 
-The request creates a job like ``POST /v1/jobs``; ``stream: true`` answers
-with the job's event stream in OpenAI's chunk format (``web.openai_format``),
+The request creates a job like ``POST /v1/jobs``, with its ``messages``,
+``tools`` and ``tool_choice`` as they are; ``stream: true`` answers with the
+job's event stream in OpenAI's chunk format (``web.openai_format``),
 ``stream: false`` with one ``chat.completion`` once the job ends. Either way
 ``X-Tokencast-Job`` names the job, so others can watch it, and a client that
 goes away does not cancel it (``DELETE /v1/jobs/<id>`` does). Every error on
@@ -20,12 +21,22 @@ from quart_schema import document_request
 from services.events import DONE, FAILED
 from services.jobs import JobState
 from services.logs import job_created
-from web.api import model_or_404, read_json, spec_from, viewer_token_for
+from web.api import logged_prompt, model_or_404, read_json, spec_from, viewer_token_for
 from web.auth import require_api_key
 from web.context import Context, ctx
 from web.errors import BROKER_RETRY_AFTER_S, error_response
 from web.limits import check_create_rate
-from web.models import InvalidField, JobRequest, describe, validate
+from web.models import (
+    MAX_MESSAGES,
+    MAX_TOOLS,
+    InvalidField,
+    JobRequest,
+    Message,
+    NamedToolChoice,
+    Tool,
+    describe,
+    validate_job,
+)
 from web.openai_format import ChunkEncoder, completion_body, error_body
 from web.stream import event_stream, feed_for, refuse_new_stream, stream_response
 
@@ -33,39 +44,24 @@ bp = Blueprint("openai", __name__)
 
 JOB_HEADER = "X-Tokencast-Job"
 VIEWER_TOKEN_HEADER = "X-Tokencast-Viewer-Token"
-MAX_PROMPT_CHARS = 100_000
 
 # Fields a chat request shares with POST /v1/jobs, validated by the same rules.
-JOB_FIELDS = ("model", "max_tokens", "temperature", "seed", "metadata", "demo")
-
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+JOB_FIELDS = (
+    "model",
+    "messages",
+    "tools",
+    "tool_choice",
+    "max_tokens",
+    "temperature",
+    "seed",
+    "metadata",
+    "demo",
+)
 
 CHAT_RULES = {
-    "messages": 'a non-empty array of messages such as {"role": "user", "content": "hello"}',
-    "role": f"one of: {', '.join(ROLES)}",
-    "content": "a string, an array of text parts, or null (tokencast takes text only)",
     "stream": "true or false",
     "stream_options": 'an object such as {"include_usage": true}',
 }
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
 
 
 class StreamOptions(BaseModel):
@@ -75,27 +71,20 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    """The chat-only fields of OpenAI's request; OpenAI's other optional fields are ignored."""
+    """OpenAI's request; its other optional fields are ignored.
+
+    ``messages``, ``tools`` and ``tool_choice`` are the job's (``JobRequest``),
+    declared here too so the OpenAPI document shows them.
+    """
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=32_768)
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-
-
-def render_prompt(messages: list[ChatMessage]) -> str:
-    """The job's prompt: one ``role: content`` line per message."""
-    return "\n".join(f"{message.role}: {message.text()}" for message in messages)
-
-
-def demo_prompt(messages: list[ChatMessage]) -> str:
-    """What the ``demo`` model answers: the last user message (else the whole conversation)."""
-    for message in reversed(messages):
-        if message.role == "user" and message.text():
-            return message.text()
-    return render_prompt(messages)
 
 
 def parse_chat(body: dict[str, Any]) -> tuple[ChatRequest, JobRequest]:
@@ -104,27 +93,16 @@ def parse_chat(body: dict[str, Any]) -> tuple[ChatRequest, JobRequest]:
         chat = ChatRequest.model_validate(body)
     except ValidationError as exc:
         raise _describe_chat(exc) from None
-    prompt = render_prompt(chat.messages)
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise InvalidField(
-            "messages",
-            f"messages, rendered as role: content lines, must be at most"
-            f" {MAX_PROMPT_CHARS:,} characters (got {len(prompt):,})",
-        )
     fields = {name: body[name] for name in JOB_FIELDS if body.get(name) is not None}
     if chat.max_completion_tokens is not None:
         fields["max_tokens"] = chat.max_completion_tokens
-    return chat, validate(JobRequest, {**fields, "prompt": prompt})
+    return chat, validate_job(fields)
 
 
 def _describe_chat(exc: ValidationError) -> InvalidField:
-    error = exc.errors()[0]
-    path = [str(part) for part in error["loc"]]
-    if path[0] == "messages" and len(path) >= 3 and path[2] in CHAT_RULES:
-        field = f"messages[{path[1]}].{path[2]}"
-        return InvalidField(field, f"{field} must be {CHAT_RULES[path[2]]}")
-    if path[0] in CHAT_RULES:
-        return InvalidField(path[0], f"{path[0]} must be {CHAT_RULES[path[0]]}")
+    field = str(exc.errors()[0]["loc"][0])
+    if field in CHAT_RULES:
+        return InvalidField(field, f"{field} must be {CHAT_RULES[field]}")
     return describe(exc)
 
 
@@ -138,14 +116,12 @@ async def chat_completions() -> Response:
     model = model_or_404(job.model)
     if isinstance(model, Response):
         return model
-    if model == "demo":
-        job = job.model_copy(update={"prompt": demo_prompt(chat.messages)})
     spec = spec_from(job, model)
     refusal = refuse_new_stream(context)
     if refusal is not None:
         return refusal  # before the job exists: a retry elsewhere must not leave a twin
     state = await context.store.create(spec)
-    job_created(state.id, state.model, spec.prompt)
+    job_created(state.id, state.model, logged_prompt(spec))
     headers = {JOB_HEADER: state.id}
     if token := viewer_token_for(state.id):
         headers[VIEWER_TOKEN_HEADER] = token

@@ -118,11 +118,26 @@ def test_models_list(client):
 @pytest.mark.parametrize(
     ("body", "param", "message"),
     [
-        ({"messages": []}, "messages", "messages must be a non-empty array of messages"),
+        (
+            {"messages": []},
+            "messages",
+            'messages must be an array of 1 to 1,000 messages such as {"role": "user",'
+            ' "content": "hello"}',
+        ),
         (
             {"messages": [{"role": "robot", "content": "x"}]},
             "messages[0].role",
-            "messages[0].role must be one of: system, developer, user, assistant, tool, function",
+            "messages[0].role must be one of: system, developer, user, assistant, tool",
+        ),
+        (
+            {"messages": [*HELLO, {"role": "tool", "content": "18C"}]},
+            "messages[2].tool_call_id",
+            "messages[2].tool_call_id is required in a tool message",
+        ),
+        (
+            {"messages": HELLO, "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tool_choice",
+            "tool_choice names the function 'f', which is not in tools",
         ),
         (
             {"messages": HELLO, "max_tokens": 0},

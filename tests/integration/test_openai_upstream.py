@@ -17,7 +17,7 @@ import pytest
 from services.config import Settings
 from services.errors import BackendError
 from services.jobs import JobSpec
-from tests.fakes.upstream import PIECES, SCENARIOS, TEXT, FakeUpstream
+from tests.fakes.upstream import CONVERSATION, PIECES, SCENARIOS, TEXT, WEATHER, FakeUpstream
 from tests.integration.test_openai_api import chat_stream, content
 from tests.support import Cluster, free_port, job_state, wait_finished, wait_until
 from worker.backends.openai import OpenAIBackend
@@ -268,8 +268,8 @@ def test_a_chat_completion_streams_the_upstream_answer(cluster):
     assert chunks[-1].choices[0].finish_reason == "stop"
     state = wait_finished(url, job_id)
     assert (state["status"], state["text"], state["tokens"]) == ("completed", TEXT, len(PIECES))
-    [request] = fake.requests_for("ok")
-    assert request.body["messages"] == [{"role": "user", "content": "user: hi"}]
+    request = fake.requests_for("ok")[-1]
+    assert request.body["messages"] == [{"role": "user", "content": "hi"}]
 
 
 def test_cancel_closes_the_upstream_request(cluster):
@@ -305,3 +305,42 @@ def test_an_upstream_failure_reaches_every_viewer(cluster):
     job_id = stream.response.headers["x-tokencast-job"]
     state = wait_until(lambda: job_state(url, job_id)["finished_at"] and job_state(url, job_id), 5)
     assert state["error"] == {"code": "backend_error", "message": message}
+
+
+def upstream_body(fake: FakeUpstream, marker: str) -> dict:
+    """The body of the one upstream request whose messages mention ``marker``."""
+    [request] = [r for r in fake.requests_for("ok") if marker in str(r.body["messages"])]
+    return request.body
+
+
+def test_a_conversation_with_tools_arrives_upstream_as_sent(cluster):
+    fake, url = cluster
+    conversation = [*CONVERSATION[:3], {**CONVERSATION[3], "content": "18C, said POST /v1/jobs"}]
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    body = {"model": "chat", "messages": conversation, "tools": [WEATHER], "tool_choice": choice}
+    created = httpx.post(f"{url}/v1/jobs", json=body, timeout=10)
+    assert created.status_code == 201, created.text
+    state = wait_finished(url, created.json()["id"])
+    assert (state["status"], state["text"]) == ("completed", TEXT)
+    sent = upstream_body(fake, "said POST /v1/jobs")
+    assert sent["messages"] == conversation  # every role, content and tool_call_id
+    assert sent["tools"] == [WEATHER]
+    assert sent["tool_choice"] == choice
+    assert sent["max_tokens"] == 256
+
+
+def test_the_sdk_chat_request_arrives_upstream_as_sent(cluster):
+    fake, url = cluster
+    conversation = [*CONVERSATION[:3], {**CONVERSATION[3], "content": "18C, said the SDK"}]
+    with sdk(url) as client:
+        completion = client.chat.completions.create(
+            model="chat",
+            messages=conversation,
+            tools=[WEATHER],
+            tool_choice="required",
+            max_completion_tokens=50,
+        )
+    assert completion.choices[0].message.content == TEXT
+    sent = upstream_body(fake, "said the SDK")
+    assert sent["messages"] == conversation
+    assert (sent["tools"], sent["tool_choice"], sent["max_tokens"]) == ([WEATHER], "required", 50)

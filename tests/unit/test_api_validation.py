@@ -1,5 +1,7 @@
 """Every rule of POST /v1/jobs, checked on the embedded broker (fast, no Redis)."""
 
+import json
+
 import pytest
 
 from services.config import Settings
@@ -25,7 +27,7 @@ async def post(client, body: str | bytes, content_type="application/json"):
         ("{bad", 400, "the request body is not valid JSON"),
         ("[1]", 400, "the request body must be a JSON object"),
         ('{"prompt": "x", "temperature": NaN}', 400, "the request body is not valid JSON"),
-        ("{}", 400, "prompt is required"),
+        ("{}", 400, "give exactly one of prompt and messages (got neither)"),
         ('{"prompt": ""}', 400, "prompt must be a string of 1 to 100,000 characters"),
         ('{"prompt": 5}', 400, "prompt must be a string of 1 to 100,000 characters"),
         ('{"prompt": "x", "max_tokens": 0}', 400, "max_tokens must be an integer from 1 to 32,768"),
@@ -181,3 +183,181 @@ async def test_models_list(client):
     assert body["object"] == "list"
     assert [m["id"] for m in body["data"]] == ["demo"]
     assert body["data"][0]["object"] == "model"
+
+
+USER = {"role": "user", "content": "What is the weather in Paris?"}
+CALL = {
+    "id": "call_1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+}
+ASKED = {"role": "assistant", "content": None, "tool_calls": [CALL]}
+ANSWERED = {"role": "tool", "tool_call_id": "call_1", "content": "18C"}
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+CONTENT_RULE = 'must be a string or an array of text parts ({"type": "text", "text": "…"})'
+NULL_CONTENT = f"{CONTENT_RULE} (null only for an assistant message with tool_calls)"
+MESSAGES_RULE = (
+    'messages must be an array of 1 to 1,000 messages such as {"role": "user", "content": "hello"}'
+)
+TOOLS_RULE = (
+    "tools must be an array of at most 128 function tools such as"
+    ' {"type": "function", "function": {"name": "get_weather"}}'
+)
+NAME_RULE = "must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -"
+CHOICE_RULE = (
+    'tool_choice must be "auto", "none", "required" or'
+    ' {"type": "function", "function": {"name": …}} naming one of tools'
+)
+
+
+def named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "message"),
+    [
+        (
+            {"prompt": "x", "messages": [USER]},
+            "prompt",
+            "give exactly one of prompt and messages (got both)",
+        ),
+        ({"messages": []}, "messages", MESSAGES_RULE),
+        ({"messages": [USER] * 1001}, "messages", MESSAGES_RULE),
+        ({"messages": {"role": "user"}}, "messages", MESSAGES_RULE),
+        (
+            {"messages": [USER, USER, {"role": "user", "content": 5}]},
+            "messages[2].content",
+            f"messages[2].content {CONTENT_RULE}",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "url": "x"}]}]},
+            "messages[0].content",
+            f"messages[0].content {CONTENT_RULE}",
+        ),
+        (
+            {"messages": [{"role": "user", "content": None}]},
+            "messages[0].content",
+            f"messages[0].content {NULL_CONTENT}",
+        ),
+        (
+            {"messages": [USER, {"role": "assistant"}]},
+            "messages[1].content",
+            f"messages[1].content {NULL_CONTENT}",
+        ),
+        ({"messages": [{"content": "x"}]}, "messages[0].role", "messages[0].role is required"),
+        (
+            {"messages": [{"role": "robot", "content": "x"}]},
+            "messages[0].role",
+            "messages[0].role must be one of: system, developer, user, assistant, tool",
+        ),
+        (
+            {"messages": [{**USER, "name": 5}]},
+            "messages[0].name",
+            "messages[0].name must be a string",
+        ),
+        (
+            {"messages": [USER, {**ASKED, "tool_calls": []}]},
+            "messages[1].tool_calls",
+            'messages[1].tool_calls must be a non-empty array of calls such as {"id": "call_1",'
+            ' "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}',
+        ),
+        (
+            {
+                "messages": [
+                    USER,
+                    {**ASKED, "tool_calls": [{**CALL, "function": {"name": "f", "arguments": {}}}]},
+                ]
+            },
+            "messages[1].tool_calls",
+            'messages[1].tool_calls must be a non-empty array of calls such as {"id": "call_1",'
+            ' "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}',
+        ),
+        (
+            {"messages": [{**USER, "tool_calls": [CALL]}]},
+            "messages[0].tool_calls",
+            "messages[0].tool_calls is for assistant messages only",
+        ),
+        (
+            {"messages": [USER, ASKED, {"role": "tool", "content": "18C"}]},
+            "messages[2].tool_call_id",
+            "messages[2].tool_call_id is required in a tool message",
+        ),
+        (
+            {"messages": [USER, ASKED, {**ANSWERED, "tool_call_id": 1}]},
+            "messages[2].tool_call_id",
+            "messages[2].tool_call_id must be a string",
+        ),
+        (
+            {"messages": [{**USER, "tool_call_id": "call_1"}]},
+            "messages[0].tool_call_id",
+            "messages[0].tool_call_id is for tool messages only",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "a" * 200_000},
+                    {"role": "user", "content": [{"type": "text", "text": "b" * 200_001}]},
+                ]
+            },
+            "messages",
+            "messages must have at most 400,000 characters of text in all (got 400,001)",
+        ),
+        ({"prompt": "x", "tools": [TOOL] * 129}, "tools", TOOLS_RULE),
+        ({"prompt": "x", "tools": [{"type": "retrieval"}]}, "tools", TOOLS_RULE),
+        (
+            {"prompt": "x", "tools": [named("get weather")]},
+            "tools[0].function.name",
+            f"tools[0].function.name {NAME_RULE}",
+        ),
+        (
+            {"prompt": "x", "tools": [TOOL, named("a" * 65)]},
+            "tools[1].function.name",
+            f"tools[1].function.name {NAME_RULE}",
+        ),
+        (
+            {"prompt": "x", "tools": [named("")]},
+            "tools[0].function.name",
+            f"tools[0].function.name {NAME_RULE}",
+        ),
+        ({"prompt": "x", "tool_choice": "any"}, "tool_choice", CHOICE_RULE),
+        ({"prompt": "x", "tool_choice": {"type": "function"}}, "tool_choice", CHOICE_RULE),
+        (
+            {"prompt": "x", "tools": [TOOL], "tool_choice": named("get_time")},
+            "tool_choice",
+            "tool_choice names the function 'get_time', which is not in tools",
+        ),
+        (
+            {"prompt": "x", "tool_choice": named("get_weather")},
+            "tool_choice",
+            "tool_choice names the function 'get_weather', which is not in tools",
+        ),
+    ],
+)
+async def test_bad_conversations_name_the_message_and_field(client, body, param, message):
+    status, got = await post(client, json.dumps(body))
+    assert status == 400
+    assert got["error"] == {"code": "invalid_request", "message": message, "param": param}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [{"role": "system", "content": "Be brief."}, USER, ASKED, ANSWERED]},
+        {"messages": [USER, {"role": "assistant", "tool_calls": [CALL]}, ANSWERED]},
+        {
+            "messages": [
+                {"role": "developer", "content": [{"type": "text", "text": "hi"}], "name": "d"}
+            ]
+        },
+        {"messages": [USER] * 1000},
+        {"messages": [{"role": "user", "content": "a" * 400_000}]},
+        {"messages": [USER], "tools": [TOOL] * 128, "tool_choice": named("get_weather")},
+        {"prompt": "x", "tools": [named("a" * 64)], "tool_choice": "required"},
+        {"prompt": "x", "tool_choice": "none"},
+        {"prompt": "x", "tools": [], "tool_choice": "auto"},
+    ],
+)
+async def test_good_conversations_are_accepted(client, body):
+    status, got = await post(client, json.dumps(body))
+    assert status == 201, got

@@ -6,10 +6,14 @@ import json
 import pytest
 
 from services.config import Settings
+from services.jobs import JobSpec
 from services.redisconn import EmbeddedBroker
+from tests.fakes.upstream import CONVERSATION, WEATHER
+from web.api import spec_from
 from web.app import create_app
 from web.models import InvalidField
-from web.openai import ChatMessage, demo_prompt, parse_chat, render_prompt
+from web.openai import parse_chat
+from worker.backends.demo import demo_tokens
 
 USER = {"role": "user", "content": "hello"}
 
@@ -34,21 +38,32 @@ async def post(client, body, content_type="application/json"):
     return response.status_code, await response.get_json()
 
 
-def test_messages_render_as_role_content_lines():
-    messages = [
-        ChatMessage(role="system", content="Be brief."),
-        ChatMessage(
-            role="user",
-            content=[{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}],
-        ),
-        ChatMessage(role="assistant", content=None),
-        ChatMessage(role="user", content="and again"),
-    ]
-    assert (
-        render_prompt(messages) == "system: Be brief.\nuser: Hi there\nassistant: \nuser: and again"
-    )
-    assert demo_prompt(messages) == "and again"
-    assert demo_prompt(messages[:1]) == "system: Be brief."
+TURNS = [*CONVERSATION, {"role": "user", "content": "and again", "name": "ann"}]
+
+
+def test_messages_tools_and_tool_choice_reach_the_job_as_sent():
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    _chat, job = parse_chat({"messages": TURNS, "tools": [WEATHER], "tool_choice": choice})
+    spec = spec_from(job, "demo")
+    assert spec.prompt is None
+    assert spec.messages == TURNS
+    assert spec.tools == [WEATHER]
+    assert spec.tool_choice == choice
+
+
+def test_fields_openai_defines_and_tokencast_does_not_take_are_left_out():
+    assistant = {"role": "assistant", "content": "Hi", "refusal": None, "tool_calls": None}
+    _chat, job = parse_chat({"messages": [USER, assistant, USER]})
+    assert spec_from(job, "demo").messages == [USER, {"role": "assistant", "content": "Hi"}, USER]
+
+
+def test_the_demo_model_answers_the_last_user_message():
+    _chat, job = parse_chat({"messages": TURNS, "max_tokens": 20, "seed": 3})
+    conversation = spec_from(job, "demo")
+    prompt = JobSpec(prompt="and again", model="demo", max_tokens=20, seed=3)
+    assert list(demo_tokens(conversation)[0]) == list(demo_tokens(prompt)[0])
+    parts = JobSpec(prompt=None, model="demo", messages=CONVERSATION[:2])
+    assert "".join(demo_tokens(parts)[0]).startswith("You asked: How warm is it in Paris?\n\n")
 
 
 def test_openai_fields_and_extensions_become_the_job():
@@ -67,7 +82,6 @@ def test_openai_fields_and_extensions_become_the_job():
             "n": 1,
             "top_p": 0.9,
             "user": "someone",
-            "tools": [],
             "response_format": {"type": "text"},
             "logprobs": False,
             "presence_penalty": 0,
@@ -75,7 +89,8 @@ def test_openai_fields_and_extensions_become_the_job():
         }
     )
     assert chat.stream is True and chat.stream_options.include_usage is True
-    assert (job.prompt, job.model, job.max_tokens) == ("developer: x\nuser: hello", "demo", 12)
+    assert (job.prompt, job.model, job.max_tokens) == (None, "demo", 12)
+    assert [message.role for message in job.messages] == ["developer", "user"]
     assert (job.temperature, job.seed, job.metadata) == (0.2, 5, {"run": "7"})
     assert job.demo.tokens_per_second == 0
 
@@ -90,14 +105,22 @@ def test_null_fields_mean_their_defaults():
 @pytest.mark.parametrize(
     ("body", "param", "message"),
     [
-        ({}, "messages", "messages must be a non-empty array of messages"),
-        ({"messages": "hi"}, "messages", "messages must be a non-empty array of messages"),
-        ({"messages": [{"content": "x"}]}, "messages[0].role", "messages[0].role must be one of:"),
+        ({}, "messages", "messages is required"),
+        ({"messages": "hi"}, "messages", "messages must be an array of 1 to 1,000 messages"),
+        (
+            {"messages": [{"content": "x"}]},
+            "messages[0].role",
+            "messages[0].role is required",
+        ),
+        (
+            {"messages": [{"role": "function", "content": "x"}]},
+            "messages[0].role",
+            "messages[0].role must be one of: system, developer, user, assistant, tool",
+        ),
         (
             {"messages": [USER, {"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[1].content",
-            "messages[1].content must be a string, an array of text parts, or null"
-            " (tokencast takes text only)",
+            'messages[1].content must be a string or an array of text parts ({"type": "text",',
         ),
         ({"messages": [USER], "stream": "yes"}, "stream", "stream must be true or false"),
         (
@@ -116,10 +139,14 @@ def test_null_fields_mean_their_defaults():
             "metadata must be an object of at most 16 entries",
         ),
         (
-            {"messages": [{"role": "user", "content": "a" * 100_000}]},
+            {"messages": [{"role": "user", "content": "a" * 400_001}]},
             "messages",
-            "messages, rendered as role: content lines, must be at most 100,000 characters"
-            " (got 100,006)",
+            "messages must have at most 400,000 characters of text in all (got 400,001)",
+        ),
+        (
+            {"messages": [USER], "tool_choice": "any"},
+            "tool_choice",
+            'tool_choice must be "auto", "none", "required" or',
         ),
     ],
 )
@@ -135,7 +162,7 @@ async def test_errors_are_in_openai_shape(client):
     assert status == 400
     assert body == {
         "error": {
-            "message": 'messages must be a non-empty array of messages such as {"role": "user",'
+            "message": 'messages must be an array of 1 to 1,000 messages such as {"role": "user",'
             ' "content": "hello"}',
             "type": "invalid_request_error",
             "param": "messages",
