@@ -1,8 +1,10 @@
 """The ``tokencast`` command.
 
-This is the one place that composes the web tier and the workers (for
-``dev``); each subcommand imports only what it runs, so the terminal client
-starts quickly and ``services`` itself never depends on Quart or a model SDK.
+This is the composition root: the one module that imports both the web
+tier and the workers (``dev`` runs them in one process; ``serve --workers``
+leaves its processes to ``services.supervisor``). Each subcommand imports
+only what it runs, so the terminal client starts quickly and the rest of
+``services`` never depends on Quart or a model SDK.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "serve":
         _raise_fd_limit()
         if args.workers > 1 and args.fd is None:
-            from web.server import serve_workers
+            from services.supervisor import serve_workers
 
             return serve_workers(settings, host, port, args.workers)
         _run(_serve(settings, host, port, args.fd))

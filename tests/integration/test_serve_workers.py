@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ pytestmark = pytest.mark.timeout(90)
 
 DRAIN_S = 2.0
 ID_LINE = re.compile(r"^id: (\d+)$", re.MULTILINE)
+STARTED_CHILDREN: dict[int, list[int]] = {}  # supervisor pid → its children, for the teardown
 
 
 @pytest.fixture
@@ -32,10 +34,10 @@ def cluster(redis_url):
     try:
         yield cluster
     finally:
-        for proc in cluster.procs:  # the children too, should the parent have died
-            if proc.alive():
-                with contextlib.suppress(OSError):
-                    for pid in children_of(proc.pid):
+        for proc in cluster.procs:  # the children too, even if the parent has died
+            for pid in STARTED_CHILDREN.pop(proc.pid, []):
+                if not gone(pid):
+                    with contextlib.suppress(OSError):
                         os.kill(pid, signal.SIGKILL)
         cluster.close()
 
@@ -48,6 +50,7 @@ def serve_workers(cluster: Cluster, workers: int) -> tuple[Process, list[int]]:
     # Each child up, not only the first to answer /readyz.
     wait_until(lambda: parent.log().count("Running on") == workers, 10, what="every child")
     children = children_of(parent.pid)
+    STARTED_CHILDREN[parent.pid] = children
     assert len(children) == workers
     return parent, children
 
@@ -57,11 +60,24 @@ def children_of(pid: int) -> list[int]:
 
 
 def gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts: it holds nothing)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return True
-    return False
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
+def can_listen(port: int) -> bool:
+    """A new server could take the port: nothing is listening on it any more."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError:
+            return False
+    return True
 
 
 async def running_job(redis, keys: Keys) -> tuple[str, JobWriter]:
@@ -152,3 +168,14 @@ def test_a_child_that_dies_takes_the_node_down(cluster):
     os.kill(children[0], signal.SIGKILL)
     assert parent.wait(DRAIN_S + 8) == 1  # the supervisor restarts the whole node
     wait_until(lambda: gone(children[1]), 5, what="the other child to exit")
+
+
+def test_children_exit_when_the_supervisor_is_killed(cluster):
+    parent, children = serve_workers(cluster, 2)
+    assert not can_listen(parent.port)
+    parent.signal(signal.SIGKILL)  # as the OOM killer would: no handler runs
+    killed_at = time.monotonic()
+    assert parent.wait(5) == -signal.SIGKILL
+    wait_until(lambda: all(gone(pid) for pid in children), 2, what="both children to exit")
+    assert time.monotonic() - killed_at < 2
+    assert can_listen(parent.port)

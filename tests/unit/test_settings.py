@@ -1,6 +1,11 @@
+import difflib
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
-from services.config import Settings
+from services.cli import main
+from services.config import Settings, declared_settings, settings_table
 from services.errors import SettingsError
 
 
@@ -47,3 +52,135 @@ def test_bad_values_fail_naming_the_variable(name, value, message):
     with pytest.raises(SettingsError) as info:
         Settings.from_env({name: value})
     assert str(info.value) == message
+
+
+def test_log_format_and_flags_take_any_case():
+    s = Settings.from_env({"TOKENCAST_LOG_FORMAT": "JSON", "TOKENCAST_TRUST_PROXY": "Yes"})
+    assert (s.log_format, s.trust_proxy) == ("json", True)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"TOKENCAST_LOG_FORMAT": "xml"},
+            "TOKENCAST_LOG_FORMAT='xml' must be one of: text, json",
+        ),
+        ({"TOKENCAST_LOG_PROMPTS": "On"}, "TOKENCAST_LOG_PROMPTS='on' must be 1 or 0"),
+        (
+            {"TOKENCAST_UPSTREAM_BASE_URL": "http://u/v1", "TOKENCAST_UPSTREAM_MODELS": "=x"},
+            "TOKENCAST_UPSTREAM_MODELS: '=x' has no model name before '='",
+        ),
+        # Settings that contradict each other.
+        (
+            {"TOKENCAST_UPSTREAM_MODELS": "qwen"},
+            "TOKENCAST_UPSTREAM_MODELS is set but TOKENCAST_UPSTREAM_BASE_URL is not: name the "
+            "model server's /v1 URL in TOKENCAST_UPSTREAM_BASE_URL, or unset "
+            "TOKENCAST_UPSTREAM_MODELS",
+        ),
+        (
+            {"TOKENCAST_UPSTREAM_API_KEY": "sk-1"},
+            "TOKENCAST_UPSTREAM_API_KEY is set but TOKENCAST_UPSTREAM_BASE_URL is not: name the "
+            "model server's /v1 URL in TOKENCAST_UPSTREAM_BASE_URL, or unset "
+            "TOKENCAST_UPSTREAM_API_KEY",
+        ),
+        (
+            {"TOKENCAST_UPSTREAM_BASE_URL": "http://127.0.0.1:1/v1"},
+            "TOKENCAST_UPSTREAM_BASE_URL is set but TOKENCAST_UPSTREAM_MODELS is not: "
+            "list the models to offer from it, or unset both",
+        ),
+        (
+            {"TOKENCAST_DEFAULT_MODEL": "qwen"},
+            "TOKENCAST_DEFAULT_MODEL='qwen' is not a model "
+            "(demo or one of TOKENCAST_UPSTREAM_MODELS): demo",
+        ),
+    ],
+)
+def test_bad_or_contradictory_settings_stop_start_up_with_a_message(env, message):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env(env)
+    assert str(info.value) == message
+
+
+def test_the_command_stops_before_starting_on_contradictory_settings(monkeypatch, capsys):
+    monkeypatch.delenv("TOKENCAST_UPSTREAM_BASE_URL", raising=False)
+    monkeypatch.setenv("TOKENCAST_UPSTREAM_MODELS", "qwen")
+    assert main(["worker"]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("tokencast: bad setting: TOKENCAST_UPSTREAM_MODELS is set but ")
+    assert "TOKENCAST_UPSTREAM_BASE_URL is not" in message
+
+
+def test_blank_values_keep_the_defaults():
+    blank = {spec.env: "  " for _field, spec, _kind in declared_settings()}
+    s = Settings.from_env(blank)
+    node_id = s.node_id
+    assert len(node_id) == 12
+    assert s == replace(Settings(), node_id=node_id)
+
+
+def test_an_upstream_model_may_be_the_default():
+    s = Settings.from_env(
+        {
+            "TOKENCAST_UPSTREAM_BASE_URL": "http://127.0.0.1:1/v1",
+            "TOKENCAST_UPSTREAM_MODELS": "qwen",
+            "TOKENCAST_DEFAULT_MODEL": "qwen",
+        }
+    )
+    assert (s.default_model, s.models) == ("qwen", ["demo", "qwen"])
+
+
+# The README's Configuration table is settings_table(); after changing a
+# setting, write it again with
+#
+#     .venv/bin/python tests/unit/test_settings.py
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+TABLE_HEADER = "| variable | default |"
+
+
+def readme_table(text: str) -> tuple[int, int]:
+    """Where the Configuration table is in ``text``: its first and past-last line."""
+    lines = text.splitlines()
+    start = lines.index("## Configuration")
+    start += next(i for i, line in enumerate(lines[start:]) if line.startswith(TABLE_HEADER))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return start, end
+
+
+def table_difference(text: str) -> str:
+    """A unified diff from the README's table to the declared one; empty when equal."""
+    start, end = readme_table(text)
+    found = text.splitlines(keepends=True)[start:end]
+    expected = settings_table().splitlines(keepends=True)
+    return "".join(difflib.unified_diff(found, expected, "README.md", "declared settings"))
+
+
+def test_readme_table_is_the_declared_settings():
+    difference = table_difference(README.read_text())
+    assert not difference, (
+        "README.md's settings table differs from services/config.py; write it again with "
+        f"`.venv/bin/python tests/unit/test_settings.py`:\n{difference}"
+    )
+
+
+def test_the_table_check_sees_a_setting_the_readme_lacks_or_misstates():
+    text = README.read_text()
+    row = "| `TOKENCAST_MAX_STREAMS` | `10000` |"
+    assert row in text
+    assert "-| `TOKENCAST_MAX_STREAMS` | `5000` |" in table_difference(
+        text.replace(row, "| `TOKENCAST_MAX_STREAMS` | `5000` |")
+    )
+    without = "".join(line for line in text.splitlines(True) if not line.startswith(row))
+    assert f"+{row}" in table_difference(without)
+
+
+def write_readme_table() -> None:
+    text = README.read_text()
+    start, end = readme_table(text)
+    lines = text.splitlines(keepends=True)
+    README.write_text("".join([*lines[:start], settings_table(), *lines[end:]]))
+
+
+if __name__ == "__main__":
+    write_readme_table()
