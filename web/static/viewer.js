@@ -6,45 +6,13 @@
 // the server is inserted as text, never as HTML.
 
 import { JOB_GONE, apiUrl, describeError, describeFailure, request } from "./api.js";
+import { copyText, formatSeconds, h } from "./page.js";
 
 const POLL_MS = 2000; // viewer count and start time; cheap for the server
 const TICK_MS = 250; // elapsed time and tokens per second
 const REOPEN_MS = [500, 1000, 2000, 4000, 8000]; // after a refused (non-200) stream
 const STICK_PX = 80; // "at the bottom" slack for following the text
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
-
-/** An element with attributes and children (strings become text nodes). */
-export function h(tag, attrs = {}, ...children) {
-  const element = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) element.setAttribute(name, value);
-  element.append(...children);
-  return element;
-}
-
-/** Copies `text` to the clipboard; resolves to whether it worked. */
-export async function copyText(text) {
-  try {
-    await navigator.clipboard.writeText(text);
-    return true;
-  } catch {
-    // No clipboard API (a page served over plain http off localhost): the old way.
-    const area = h("textarea", { class: "offscreen", "aria-hidden": "true" });
-    area.value = text;
-    document.body.append(area);
-    area.select();
-    const copied = document.execCommand("copy");
-    area.remove();
-    return copied;
-  }
-}
-
-function formatSeconds(ms) {
-  const seconds = Math.max(0, ms) / 1000;
-  if (seconds < 1) return `${seconds.toFixed(2)} s`;
-  if (seconds < 60) return `${seconds.toFixed(1)} s`;
-  const whole = Math.floor(seconds);
-  return `${Math.floor(whole / 60)} min ${String(whole % 60).padStart(2, "0")} s`;
-}
 
 export class Viewer {
   /** Builds the viewer inside `container`; `token` is the viewer token of the URL, if any. */
