@@ -7,6 +7,7 @@
 
 import { JOB_GONE, apiUrl, describeError, describeFailure, request } from "./api.js";
 import { copyText, formatSeconds, h } from "./page.js";
+import { EventStream } from "./sse.js";
 
 const POLL_MS = 2000; // viewer count and start time; cheap for the server
 const TICK_MS = 250; // elapsed time and tokens per second
@@ -117,20 +118,15 @@ export class Viewer {
 
   // The event stream.
 
+  /** Opens the stream after the last id shown (sent as Last-Event-ID). */
   open() {
-    // A new EventSource cannot send Last-Event-ID: the query parameter says it.
-    const after = this.lastId > 0 ? this.lastId : null;
-    const url = this.url(`/v1/jobs/${this.jobId}/events`, { last_event_id: after });
-    const source = new EventSource(url);
+    const url = this.url(`/v1/jobs/${this.jobId}/events`);
+    const source = new EventStream(url, this.lastId, {
+      open: () => this.source === source && this.onOpen(),
+      event: (event) => this.source === source && this.onEvent(event),
+      end: (status) => this.source === source && this.onEnd(source, status),
+    });
     this.source = source;
-    const mine = (handler) => (event) => {
-      if (this.source === source) handler(event);
-    };
-    source.addEventListener("open", mine(() => this.onOpen()));
-    source.addEventListener("start", mine((event) => this.onStart(event)));
-    source.addEventListener("token", mine((event) => this.onToken(event)));
-    source.addEventListener("done", mine((event) => this.onDone(event)));
-    source.addEventListener("error", mine(() => this.onTrouble(source)));
   }
 
   closeSource() {
@@ -145,17 +141,19 @@ export class Viewer {
     this.later(1200, () => this.poll());
   }
 
-  /** Connection trouble, never a job failure (that arrives in `done`). */
-  onTrouble(source) {
+  /** The stream ended before `done`: connection trouble, never a job failure. */
+  onEnd(source, status) {
+    this.source = null;
     this.setConnection("reconnecting");
-    if (source.readyState === EventSource.CLOSED) {
-      // The browser gave up (the node answered 503 while starting, say); it
-      // retries by itself only after a network error, so try again here.
-      this.closeSource();
-      const delay = REOPEN_MS[Math.min(this.reopens, REOPEN_MS.length - 1)];
-      this.reopens += 1;
-      this.later(delay, () => this.recheck());
+    if (status === 0) {
+      // The connection dropped (its node went away, say): resume as EventSource would.
+      this.later(source.retryMs, () => this.open());
+      return;
     }
+    // Refused (503 from a node that is starting, say): back off, and check the job is there.
+    const delay = REOPEN_MS[Math.min(this.reopens, REOPEN_MS.length - 1)];
+    this.reopens += 1;
+    this.later(delay, () => this.recheck());
   }
 
   /** After a refused stream: is the job still there? Then reopen after the last id. */
@@ -178,13 +176,27 @@ export class Viewer {
     this.timers.add(timer);
   }
 
+  /** Every event goes through `accept`, in id order, whether or not the page shows it. */
+  onEvent(event) {
+    const data = JSON.parse(event.data);
+    const id = Number(event.lastEventId);
+    const first = event.type === "token" ? (data.first_id ?? id) : id; // merged: first_id..id
+    if (!this.accept(id, first)) return;
+    if (event.type === "done") {
+      this.onDone(data);
+      return;
+    }
+    if (this.status === "queued") this.setStatus("running");
+    if (event.type === "start") this.startedAt ??= Date.now() + this.clockOffset;
+    else if (event.type === "token") this.onToken(data, id - first + 1);
+  }
+
   /**
    * Takes an event's id range [first, id] if it is the next one. An id already
    * shown is skipped (text is appended once); a gap reopens the stream after
    * the last id shown, which the server then fills exactly.
    */
-  accept(event, first) {
-    const id = Number(event.lastEventId);
+  accept(id, first) {
     if (id <= this.lastId) {
       this.root.dataset.repeats = String(Number(this.root.dataset.repeats || 0) + 1);
       return false;
@@ -201,27 +213,14 @@ export class Viewer {
     return true;
   }
 
-  onStart(event) {
-    if (!this.accept(event, Number(event.lastEventId))) return;
-    this.setStatus("running");
-    if (this.startedAt === null) this.startedAt = Date.now() + this.clockOffset;
-  }
-
-  onToken(event) {
-    const data = JSON.parse(event.data);
-    const id = Number(event.lastEventId);
-    const first = data.first_id ?? id; // a merged event covers first_id..id
-    if (!this.accept(event, first)) return;
-    if (this.status === "queued") this.setStatus("running");
-    this.tokens += id - first + 1;
+  onToken(data, count) {
+    this.tokens += count;
     this.tokensEl.textContent = String(this.tokens);
     this.appendText(data.text);
   }
 
-  onDone(event) {
-    if (!this.accept(event, Number(event.lastEventId))) return;
-    const data = JSON.parse(event.data);
-    this.closeSource(); // the server closes the stream too; EventSource would reconnect
+  onDone(data) {
+    this.closeSource(); // the server closes the stream too; the page must not reopen it
     this.tokens = data.tokens ?? this.tokens;
     this.finishedAt = Date.now() + this.clockOffset;
     this.finish(data.status, data.error);
