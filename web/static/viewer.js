@@ -1,12 +1,14 @@
-// One job watched live: its text, status, counters, viewers and connection.
+// One job watched live: its text, reasoning, tool calls and events, status,
+// counters, viewers and connection.
 //
-// The event stream is the truth for the text and the end of the job; the job
+// The event stream is the truth for what the job wrote and for its end; the job
 // state (GET /v1/jobs/<id>, polled) adds what the stream does not carry: when
 // the job started and finished, and how many people watch it. Everything from
 // the server is inserted as text, never as HTML.
 
 import { JOB_GONE, apiUrl, describeError, describeFailure, request } from "./api.js";
 import { copyText, formatSeconds, h } from "./page.js";
+import { EventList, Reasoning, ToolCalls } from "./parts.js";
 import { EventStream } from "./sse.js";
 
 const POLL_MS = 2000; // viewer count and start time; cheap for the server
@@ -14,6 +16,13 @@ const TICK_MS = 250; // elapsed time and tokens per second
 const REOPEN_MS = [500, 1000, 2000, 4000, 8000]; // after a refused (non-200) stream
 const STICK_PX = 80; // "at the bottom" slack for following the text
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
+const MERGED = new Set(["token", "reasoning", "tool_call"]); // may cover first_id..id
+
+/** Whether `result` is the state of a finished job whose only events were start, tokens, done. */
+function finishedPlain(result) {
+  const state = result.body;
+  return result.ok && FINISHED.has(state.status) && Number(state.last_event_id) <= state.tokens + 2;
+}
 
 export class Viewer {
   /** Builds the viewer inside `container`; `token` is the viewer token of the URL, if any. */
@@ -44,6 +53,9 @@ export class Viewer {
     this.textNode = document.createTextNode("");
     this.textEl = h("span", { class: "text", "data-testid": "text" }, this.textNode);
     this.placeholderEl = h("span", { class: "placeholder" }, "Waiting for a worker to start…");
+    this.reasoning = new Reasoning();
+    this.toolCalls = new ToolCalls();
+    this.events = new EventList();
     this.copyButton = h("button", { type: "button", "data-testid": "copy" }, "Copy text");
     this.cancelButton = h("button", { type: "button", "data-testid": "cancel" }, "Cancel");
     this.noteEl = h("span", { class: "note", "data-testid": "note", "aria-live": "polite" });
@@ -65,6 +77,7 @@ export class Viewer {
         this.connectionEl,
       ),
       this.messageEl,
+      this.reasoning.el,
       h(
         "div",
         { class: "output" },
@@ -72,6 +85,8 @@ export class Viewer {
         this.textEl,
         h("span", { class: "caret", "aria-hidden": "true" }),
       ),
+      this.toolCalls.el,
+      this.events.el,
       h("div", { class: "actions" }, this.copyButton, this.cancelButton, this.noteEl),
     );
     this.messageEl.hidden = true;
@@ -87,7 +102,7 @@ export class Viewer {
     const result = await request("GET", this.url(`/v1/jobs/${this.jobId}`));
     if (result.ok) {
       this.applyState(result);
-      if (FINISHED.has(result.body.status)) {
+      if (finishedPlain(result)) {
         this.showFinished(result.body);
         return;
       }
@@ -95,7 +110,8 @@ export class Viewer {
       this.refused(result);
       return;
     }
-    // Anything else (the server restarting, say) is the stream's to retry.
+    // Anything else (the server restarting, say) is the stream's to retry. A finished
+    // job that wrote more than text replays its stream (merged: a few events).
     this.open();
     this.every(POLL_MS, () => this.poll());
     this.every(TICK_MS, () => this.renderCounters());
@@ -161,7 +177,7 @@ export class Viewer {
     const result = await request("GET", this.url(`/v1/jobs/${this.jobId}`));
     if ([401, 403, 404].includes(result.status)) {
       this.refused(result);
-    } else if (result.ok && FINISHED.has(result.body.status) && this.lastId === 0) {
+    } else if (this.lastId === 0 && finishedPlain(result)) {
       this.showFinished(result.body);
     } else {
       this.open();
@@ -176,11 +192,12 @@ export class Viewer {
     this.timers.add(timer);
   }
 
-  /** Every event goes through `accept`, in id order, whether or not the page shows it. */
+  /** Every event, of any kind, is shown once: through `accept`, in id order. */
   onEvent(event) {
     const data = JSON.parse(event.data);
     const id = Number(event.lastEventId);
-    const first = event.type === "token" ? (data.first_id ?? id) : id; // merged: first_id..id
+    // Only the merging kinds have a first_id; a custom event's data is the producer's own.
+    const first = MERGED.has(event.type) ? (data.first_id ?? id) : id;
     if (!this.accept(id, first)) return;
     if (event.type === "done") {
       this.onDone(data);
@@ -189,11 +206,14 @@ export class Viewer {
     if (this.status === "queued") this.setStatus("running");
     if (event.type === "start") this.startedAt ??= Date.now() + this.clockOffset;
     else if (event.type === "token") this.onToken(data, id - first + 1);
+    else if (event.type === "reasoning") this.reasoning.append(data.text);
+    else if (event.type === "tool_call") this.toolCalls.add(data);
+    else this.events.add(event.type, id, data);
   }
 
   /**
    * Takes an event's id range [first, id] if it is the next one. An id already
-   * shown is skipped (text is appended once); a gap reopens the stream after
+   * shown is skipped (each part is shown once); a gap reopens the stream after
    * the last id shown, which the server then fills exactly.
    */
   accept(id, first) {
@@ -216,6 +236,7 @@ export class Viewer {
   onToken(data, count) {
     this.tokens += count;
     this.tokensEl.textContent = String(this.tokens);
+    this.reasoning.fold();
     this.appendText(data.text);
   }
 
@@ -275,6 +296,9 @@ export class Viewer {
     this.closeSource();
     this.textNode.data = state.text;
     this.placeholderEl.hidden = state.text !== "";
+    if (state.reasoning) this.reasoning.append(state.reasoning);
+    if (state.text) this.reasoning.fold();
+    this.toolCalls.show(state.tool_calls || []);
     this.tokens = state.tokens;
     this.lastId = Number(state.last_event_id);
     this.finish(state.status, state.error);
@@ -283,6 +307,7 @@ export class Viewer {
 
   finish(status, error) {
     this.stop();
+    this.toolCalls.end();
     this.setStatus(status);
     this.setConnection("closed");
     this.viewersBox.hidden = true;
