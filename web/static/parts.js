@@ -12,21 +12,29 @@ export class Reasoning {
   constructor() {
     this.textNode = document.createTextNode("");
     this.textEl = h("div", { class: "reasoning-text", "data-testid": "reasoning" }, this.textNode);
+    this.countEl = h("span", { class: "reasoning-count" });
     this.el = h(
       "details",
       { class: "reasoning", open: "", hidden: "" },
-      h("summary", {}, "Reasoning"),
+      h("summary", {}, "Reasoning", this.countEl),
       this.textEl,
     );
+    this.count = 0;
     this.folded = false;
   }
 
-  /** More reasoning; its box (of bounded height) follows it unless the reader scrolled up. */
-  append(text) {
+  /**
+   * More reasoning (`tokens` of it, when known); its box (of bounded height)
+   * follows it unless the reader scrolled up.
+   */
+  append(text, tokens = 0) {
     const box = this.textEl;
     const following = box.scrollTop + box.clientHeight >= box.scrollHeight - FOLLOW_PX;
     this.textNode.appendData(text);
     this.el.hidden = false;
+    this.count += tokens;
+    const words = this.count === 1 ? "1 token" : `${this.count} tokens`;
+    if (this.count > 0) this.countEl.textContent = ` · ${words}`;
     if (following) box.scrollTop = box.scrollHeight;
   }
 

@@ -206,7 +206,7 @@ export class Viewer {
     if (this.status === "queued") this.setStatus("running");
     if (event.type === "start") this.startedAt ??= Date.now() + this.clockOffset;
     else if (event.type === "token") this.onToken(data, id - first + 1);
-    else if (event.type === "reasoning") this.reasoning.append(data.text);
+    else if (event.type === "reasoning") this.reasoning.append(data.text, id - first + 1);
     else if (event.type === "tool_call") this.toolCalls.add(data);
     else this.events.add(event.type, id, data);
   }
