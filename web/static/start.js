@@ -1,7 +1,8 @@
 // The start page: a prompt goes in, a shareable watch link and the live text come out.
 
 import { describeError, request } from "./api.js";
-import { Viewer, copyText } from "./viewer.js";
+import { copyText } from "./page.js";
+import { Viewer } from "./viewer.js";
 
 const form = document.getElementById("start");
 const prompt = document.getElementById("prompt");

@@ -1,49 +1,27 @@
-// One job watched live: its text, status, counters, viewers and connection.
+// One job watched live: its text, reasoning, tool calls and events, status,
+// counters, viewers and connection.
 //
-// The event stream is the truth for the text and the end of the job; the job
+// The event stream is the truth for what the job wrote and for its end; the job
 // state (GET /v1/jobs/<id>, polled) adds what the stream does not carry: when
 // the job started and finished, and how many people watch it. Everything from
 // the server is inserted as text, never as HTML.
 
 import { JOB_GONE, apiUrl, describeError, describeFailure, request } from "./api.js";
+import { copyText, formatSeconds, h } from "./page.js";
+import { EventList, Reasoning, ToolCalls } from "./parts.js";
+import { EventStream } from "./sse.js";
 
 const POLL_MS = 2000; // viewer count and start time; cheap for the server
 const TICK_MS = 250; // elapsed time and tokens per second
 const REOPEN_MS = [500, 1000, 2000, 4000, 8000]; // after a refused (non-200) stream
 const STICK_PX = 80; // "at the bottom" slack for following the text
 const FINISHED = new Set(["completed", "failed", "cancelled"]);
+const MERGED = new Set(["token", "reasoning", "tool_call"]); // may cover first_id..id
 
-/** An element with attributes and children (strings become text nodes). */
-export function h(tag, attrs = {}, ...children) {
-  const element = document.createElement(tag);
-  for (const [name, value] of Object.entries(attrs)) element.setAttribute(name, value);
-  element.append(...children);
-  return element;
-}
-
-/** Copies `text` to the clipboard; resolves to whether it worked. */
-export async function copyText(text) {
-  try {
-    await navigator.clipboard.writeText(text);
-    return true;
-  } catch {
-    // No clipboard API (a page served over plain http off localhost): the old way.
-    const area = h("textarea", { class: "offscreen", "aria-hidden": "true" });
-    area.value = text;
-    document.body.append(area);
-    area.select();
-    const copied = document.execCommand("copy");
-    area.remove();
-    return copied;
-  }
-}
-
-function formatSeconds(ms) {
-  const seconds = Math.max(0, ms) / 1000;
-  if (seconds < 1) return `${seconds.toFixed(2)} s`;
-  if (seconds < 60) return `${seconds.toFixed(1)} s`;
-  const whole = Math.floor(seconds);
-  return `${Math.floor(whole / 60)} min ${String(whole % 60).padStart(2, "0")} s`;
+/** Whether `result` is the state of a finished job whose only events were start, tokens, done. */
+function finishedPlain(result) {
+  const state = result.body;
+  return result.ok && FINISHED.has(state.status) && Number(state.last_event_id) <= state.tokens + 2;
 }
 
 export class Viewer {
@@ -75,6 +53,9 @@ export class Viewer {
     this.textNode = document.createTextNode("");
     this.textEl = h("span", { class: "text", "data-testid": "text" }, this.textNode);
     this.placeholderEl = h("span", { class: "placeholder" }, "Waiting for a worker to start…");
+    this.reasoning = new Reasoning();
+    this.toolCalls = new ToolCalls();
+    this.events = new EventList();
     this.copyButton = h("button", { type: "button", "data-testid": "copy" }, "Copy text");
     this.cancelButton = h("button", { type: "button", "data-testid": "cancel" }, "Cancel");
     this.noteEl = h("span", { class: "note", "data-testid": "note", "aria-live": "polite" });
@@ -96,6 +77,7 @@ export class Viewer {
         this.connectionEl,
       ),
       this.messageEl,
+      this.reasoning.el,
       h(
         "div",
         { class: "output" },
@@ -103,6 +85,8 @@ export class Viewer {
         this.textEl,
         h("span", { class: "caret", "aria-hidden": "true" }),
       ),
+      this.toolCalls.el,
+      this.events.el,
       h("div", { class: "actions" }, this.copyButton, this.cancelButton, this.noteEl),
     );
     this.messageEl.hidden = true;
@@ -118,7 +102,7 @@ export class Viewer {
     const result = await request("GET", this.url(`/v1/jobs/${this.jobId}`));
     if (result.ok) {
       this.applyState(result);
-      if (FINISHED.has(result.body.status)) {
+      if (finishedPlain(result)) {
         this.showFinished(result.body);
         return;
       }
@@ -126,7 +110,8 @@ export class Viewer {
       this.refused(result);
       return;
     }
-    // Anything else (the server restarting, say) is the stream's to retry.
+    // Anything else (the server restarting, say) is the stream's to retry. A finished
+    // job that wrote more than text replays its stream (merged: a few events).
     this.open();
     this.every(POLL_MS, () => this.poll());
     this.every(TICK_MS, () => this.renderCounters());
@@ -149,20 +134,15 @@ export class Viewer {
 
   // The event stream.
 
+  /** Opens the stream after the last id shown (sent as Last-Event-ID). */
   open() {
-    // A new EventSource cannot send Last-Event-ID: the query parameter says it.
-    const after = this.lastId > 0 ? this.lastId : null;
-    const url = this.url(`/v1/jobs/${this.jobId}/events`, { last_event_id: after });
-    const source = new EventSource(url);
+    const url = this.url(`/v1/jobs/${this.jobId}/events`);
+    const source = new EventStream(url, this.lastId, {
+      open: () => this.source === source && this.onOpen(),
+      event: (event) => this.source === source && this.onEvent(event),
+      end: (status) => this.source === source && this.onEnd(source, status),
+    });
     this.source = source;
-    const mine = (handler) => (event) => {
-      if (this.source === source) handler(event);
-    };
-    source.addEventListener("open", mine(() => this.onOpen()));
-    source.addEventListener("start", mine((event) => this.onStart(event)));
-    source.addEventListener("token", mine((event) => this.onToken(event)));
-    source.addEventListener("done", mine((event) => this.onDone(event)));
-    source.addEventListener("error", mine(() => this.onTrouble(source)));
   }
 
   closeSource() {
@@ -177,17 +157,19 @@ export class Viewer {
     this.later(1200, () => this.poll());
   }
 
-  /** Connection trouble, never a job failure (that arrives in `done`). */
-  onTrouble(source) {
+  /** The stream ended before `done`: connection trouble, never a job failure. */
+  onEnd(source, status) {
+    this.source = null;
     this.setConnection("reconnecting");
-    if (source.readyState === EventSource.CLOSED) {
-      // The browser gave up (the node answered 503 while starting, say); it
-      // retries by itself only after a network error, so try again here.
-      this.closeSource();
-      const delay = REOPEN_MS[Math.min(this.reopens, REOPEN_MS.length - 1)];
-      this.reopens += 1;
-      this.later(delay, () => this.recheck());
+    if (status === 0) {
+      // The connection dropped (its node went away, say): resume as EventSource would.
+      this.later(source.retryMs, () => this.open());
+      return;
     }
+    // Refused (503 from a node that is starting, say): back off, and check the job is there.
+    const delay = REOPEN_MS[Math.min(this.reopens, REOPEN_MS.length - 1)];
+    this.reopens += 1;
+    this.later(delay, () => this.recheck());
   }
 
   /** After a refused stream: is the job still there? Then reopen after the last id. */
@@ -195,7 +177,7 @@ export class Viewer {
     const result = await request("GET", this.url(`/v1/jobs/${this.jobId}`));
     if ([401, 403, 404].includes(result.status)) {
       this.refused(result);
-    } else if (result.ok && FINISHED.has(result.body.status) && this.lastId === 0) {
+    } else if (this.lastId === 0 && finishedPlain(result)) {
       this.showFinished(result.body);
     } else {
       this.open();
@@ -210,13 +192,31 @@ export class Viewer {
     this.timers.add(timer);
   }
 
+  /** Every event, of any kind, is shown once: through `accept`, in id order. */
+  onEvent(event) {
+    const data = JSON.parse(event.data);
+    const id = Number(event.lastEventId);
+    // Only the merging kinds have a first_id; a custom event's data is the producer's own.
+    const first = MERGED.has(event.type) ? (data.first_id ?? id) : id;
+    if (!this.accept(id, first)) return;
+    if (event.type === "done") {
+      this.onDone(data);
+      return;
+    }
+    if (this.status === "queued") this.setStatus("running");
+    if (event.type === "start") this.startedAt ??= Date.now() + this.clockOffset;
+    else if (event.type === "token") this.onToken(data, id - first + 1);
+    else if (event.type === "reasoning") this.reasoning.append(data.text, id - first + 1);
+    else if (event.type === "tool_call") this.toolCalls.add(data);
+    else this.events.add(event.type, id, data);
+  }
+
   /**
    * Takes an event's id range [first, id] if it is the next one. An id already
-   * shown is skipped (text is appended once); a gap reopens the stream after
+   * shown is skipped (each part is shown once); a gap reopens the stream after
    * the last id shown, which the server then fills exactly.
    */
-  accept(event, first) {
-    const id = Number(event.lastEventId);
+  accept(id, first) {
     if (id <= this.lastId) {
       this.root.dataset.repeats = String(Number(this.root.dataset.repeats || 0) + 1);
       return false;
@@ -233,27 +233,15 @@ export class Viewer {
     return true;
   }
 
-  onStart(event) {
-    if (!this.accept(event, Number(event.lastEventId))) return;
-    this.setStatus("running");
-    if (this.startedAt === null) this.startedAt = Date.now() + this.clockOffset;
-  }
-
-  onToken(event) {
-    const data = JSON.parse(event.data);
-    const id = Number(event.lastEventId);
-    const first = data.first_id ?? id; // a merged event covers first_id..id
-    if (!this.accept(event, first)) return;
-    if (this.status === "queued") this.setStatus("running");
-    this.tokens += id - first + 1;
+  onToken(data, count) {
+    this.tokens += count;
     this.tokensEl.textContent = String(this.tokens);
+    this.reasoning.fold();
     this.appendText(data.text);
   }
 
-  onDone(event) {
-    if (!this.accept(event, Number(event.lastEventId))) return;
-    const data = JSON.parse(event.data);
-    this.closeSource(); // the server closes the stream too; EventSource would reconnect
+  onDone(data) {
+    this.closeSource(); // the server closes the stream too; the page must not reopen it
     this.tokens = data.tokens ?? this.tokens;
     this.finishedAt = Date.now() + this.clockOffset;
     this.finish(data.status, data.error);
@@ -308,6 +296,9 @@ export class Viewer {
     this.closeSource();
     this.textNode.data = state.text;
     this.placeholderEl.hidden = state.text !== "";
+    if (state.reasoning) this.reasoning.append(state.reasoning);
+    if (state.text) this.reasoning.fold();
+    this.toolCalls.show(state.tool_calls || []);
     this.tokens = state.tokens;
     this.lastId = Number(state.last_event_id);
     this.finish(state.status, state.error);
@@ -316,6 +307,7 @@ export class Viewer {
 
   finish(status, error) {
     this.stop();
+    this.toolCalls.end();
     this.setStatus(status);
     this.setConnection("closed");
     this.viewersBox.hidden = true;
