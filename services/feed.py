@@ -167,7 +167,8 @@ class FeedSession:
         feed, viewer = self.feed, self.viewer
         while not self.ended and not feed.stopping():
             events: list[Event] = []
-            if viewer.start_catch_up():  # replay (a new viewer starts here), then live
+            if viewer.lagging:  # replay (a new viewer starts here), then live
+                viewer.start_catch_up()
                 try:
                     events, more = await feed.read_log(viewer.job_id, self.sent, self.finished)
                     raise_lost_cancel()
@@ -192,23 +193,20 @@ class FeedSession:
                 elif feed.hub.disconnected_for(viewer.job_id) > feed.grace_s:
                     break
             if events:
-                return self._sending(events)
+                batch = Batch(events, self.sent)
+                self._quiet_from_now()
+                self.sent = events[-1].id
+                self.ended = events[-1].name == DONE
+                metrics.EVENTS_SENT.inc(len(events))
+                if events[0].appended_ms:  # live, not read from the log
+                    lag_s = time.time() - events[0].appended_ms / 1000
+                    metrics.PUBLISH_TO_SEND.observe(max(lag_s, 0.0))
+                return batch
             if time.monotonic() - self.quiet_since >= feed.keepalive_s:
                 self._quiet_from_now()
                 return KEEPALIVE
         self.ended = True
         return END
-
-    def _sending(self, events: list[Event]) -> Batch:
-        batch = Batch(events, self.sent)
-        self._quiet_from_now()
-        self.sent = events[-1].id
-        self.ended = events[-1].name == DONE
-        metrics.EVENTS_SENT.inc(len(events))
-        if events[0].appended_ms:  # live, not read from the log
-            lag_s = time.time() - events[0].appended_ms / 1000
-            metrics.PUBLISH_TO_SEND.observe(max(lag_s, 0.0))
-        return batch
 
     def close(self) -> None:
         metrics.OPEN_STREAMS.dec()

@@ -50,13 +50,10 @@ class Viewer:
 
     # The feed's side.
 
-    def start_catch_up(self) -> bool:
-        """Whether the viewer must read the log before anything live. The
-        mark is cleared before the read, so a resync asked while the log is
-        being read marks the viewer again and is not lost."""
-        lagging = self.lagging
+    def start_catch_up(self) -> None:
+        """The feed starts reading the log. The mark is cleared first, so a
+        resync asked while the log is being read marks the viewer again."""
         self.lagging = False
-        return lagging
 
     def mark_lagging(self) -> None:
         """Read the log again before anything live: the viewer fell behind

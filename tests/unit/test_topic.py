@@ -47,12 +47,14 @@ def test_viewers_are_woken_once_per_window_whatever_the_events():
 def test_a_resync_during_the_log_read_is_kept_for_the_next_step():
     topic = Topic("resync-job", "channel", "main", limit=10)
     viewer = topic.add_viewer()
-    assert viewer.start_catch_up() is True  # a new viewer reads the log first
+    assert viewer.lagging  # a new viewer reads the log first
+    viewer.start_catch_up()
     topic.subscribed()  # the hub resubscribed while that read was under way
-    assert viewer.start_catch_up() is True  # so it reads the log again
-    assert viewer.start_catch_up() is False  # then goes live
+    assert viewer.lagging  # so it reads the log again
+    viewer.start_catch_up()
+    assert not viewer.lagging  # then goes live
     viewer.mark_lagging()
-    assert viewer.start_catch_up() is True
+    assert viewer.lagging
 
 
 def test_the_last_viewer_to_leave_empties_the_topic():
