@@ -1,6 +1,6 @@
 """One viewer's feed: subscribe, then replay the log, then go live.
 
-The order is the invariant (DESIGN.md, 2), and it is kept in two places only:
+The order is the invariant (DESIGN.md, 2), and this module is where it is kept:
 
 1. Subscribe: ``Feed.open`` registers the viewer with the hub, and
    ``Hub.attach`` returns once the job's subscription is live. From then on,
@@ -99,14 +99,14 @@ class Feed:
         ``None`` when the broker cannot be reached: the stream then ends and
         the client reconnects."""
         try:
-            viewer = await self.hub.attach(job_id)
+            viewer = await self.hub.attach(job_id)  # 1. subscribed: from here on, buffered
         except BrokerUnavailable as exc:
             logger.warning("job %s: stream ends, %s", job_id, exc)
             return None
         metrics.OPEN_STREAMS.inc()
         if after:
             metrics.RESUMES.inc()
-        return FeedSession(self, viewer, after, finished)
+        return FeedSession(self, viewer, after, finished)  # 2. replays the log, 3. then live
 
     async def read_log(
         self, job_id: str, sent: int, finished: bool = False

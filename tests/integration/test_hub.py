@@ -235,24 +235,20 @@ async def test_quiet_viewer_is_woken_for_its_keepalive_not_every_tick(redis_url,
 
 async def test_one_subscription_per_job_however_many_viewers(redis_url, keys):
     channel = keys.channel("shared-job")
-
-    async def subscribers() -> int:
-        return dict(await h.redis.pubsub_numsub(channel))[channel]
-
     async with Harness(redis_url, keys) as h:
+
+        async def unsubscribed() -> bool:
+            return dict(await h.redis.pubsub_numsub(channel))[channel] == 0
+
         viewers = [await h.hub.attach("shared-job") for _ in range(10)]
         other = await h.hub.attach("other-job")
-        assert await subscribers() == 1
+        assert dict(await h.redis.pubsub_numsub(channel))[channel] == 1
         assert (h.hub.viewer_total, h.hub.local_viewers("shared-job")) == (11, 10)
         for viewer in viewers:
             h.hub.detach(viewer)
         h.hub.detach(other)
         assert h.hub.viewer_total == 0
         assert h.hub.idle.is_set()
-
-        async def unsubscribed() -> bool:
-            return await subscribers() == 0
-
         await eventually(unsubscribed)
 
 
