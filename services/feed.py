@@ -1,8 +1,16 @@
 """One viewer's feed: subscribe, then replay the log, then go live.
 
-The order is the invariant (DESIGN.md, 2): the viewer is registered with the
-hub and its subscription is live *before* the log is read, so an event
-published in between is in the buffer, and ids already sent are dropped.
+The order is the invariant (DESIGN.md, 2), and this module is where it is kept:
+
+1. Subscribe: ``Feed.open`` registers the viewer with the hub, and
+   ``Hub.attach`` returns once the job's subscription is live. From then on,
+   every event published is in the job's live buffer.
+2. Replay: a new ``Viewer`` starts lagging, so the first step of
+   ``FeedSession.next`` reads the log after the viewer's Last-Event-ID (a page
+   at a time, merged). An event published during that read is in the buffer.
+3. Live: then each step takes the buffered events after the last id sent, so
+   ids already sent are dropped. A gap (the viewer fell behind the buffer,
+   or pub/sub skipped ids) or a resubscribe sends it back to 2.
 """
 
 from __future__ import annotations
@@ -10,15 +18,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from services import metrics
 from services.errors import BrokerUnavailable
 from services.eventlog import EventLog
 from services.events import DONE, FAILED, Event, done_data
 from services.history import FinishedLogs
-from services.hub import Hub, Viewer
+from services.hub import Hub
 from services.redisconn import raise_lost_cancel
 from services.resume import coalesce, next_run
+from services.topic import Viewer
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +41,39 @@ LOG_LOST = {
     "message": "the broker lost this job's events (it restarted without persistence)",
 }
 
-KEEPALIVE = None  # what the feed yields when nothing was sent for a keepalive interval
+
+# What ``FeedSession.next`` gives: a batch to send, a keepalive, or the end.
+
+
+@dataclass(slots=True)
+class Batch:
+    """Events to send, in id order, following id ``after`` (tokens read from
+    the log come merged). Not frozen: one is built per batch sent, and a
+    frozen dataclass costs twice as much to build."""
+
+    events: list[Event]
+    after: int
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """Nothing was sent for ``keepalive_s``: send a keepalive."""
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The feed has ended; ``close()`` follows."""
+
+
+KEEPALIVE = Keepalive()
+END = End()
+Step = Batch | Keepalive | End
 
 
 class Feed:
-    """Opens viewer sessions; holds what every session of a node shares."""
+    """Opens viewer sessions. One per node, shared by all its streams
+    (``web.context.Context.feed``), with what they share: the hub, the log,
+    the cache of finished logs and the node's settings."""
 
     def __init__(
         self,
@@ -61,44 +99,47 @@ class Feed:
         ``None`` when the broker cannot be reached: the stream then ends and
         the client reconnects."""
         try:
-            viewer = await self.hub.attach(job_id)
+            viewer = await self.hub.attach(job_id)  # 1. subscribed: from here on, buffered
         except BrokerUnavailable as exc:
             logger.warning("job %s: stream ends, %s", job_id, exc)
             return None
         metrics.OPEN_STREAMS.inc()
         if after:
             metrics.RESUMES.inc()
-        return FeedSession(self, viewer, after, finished)
+        return FeedSession(self, viewer, after, finished)  # 2. replays the log, 3. then live
 
-    async def _read_log(self, viewer: Viewer, sent: int, finished: bool = False) -> list[Event]:
+    async def read_log(
+        self, job_id: str, sent: int, finished: bool = False
+    ) -> tuple[list[Event], bool]:
+        """The job's events after id ``sent``, read from the log (or the
+        finished-log cache when ``finished``) with tokens merged, and whether
+        more are left to read: at most ``LOG_PAGE`` are read at once. A log
+        that is gone gives a ``done`` event with ``log_lost``. Raises
+        ``BrokerUnavailable``."""
         if finished and self.history is not None:
-            finished_log = await self.history.get(viewer.job_id)
+            finished_log = await self.history.get(job_id)
             if finished_log is not None:
-                return finished_log.after(sent)  # the rest of the job, merged, shared
-        events = await self.log.read(viewer.job_id, sent, LOG_PAGE)
-        if len(events) == LOG_PAGE:
-            viewer.lagging = True  # more to read before going live
-        if not events and not await self.job_exists(viewer.job_id):
+                return finished_log.after(sent), False  # the rest of the job, merged, shared
+        events = await self.log.read(job_id, sent, LOG_PAGE)
+        more = len(events) == LOG_PAGE
+        if not events and not await self.job_exists(job_id):
             metrics.LOGS_LOST.inc()
-            logger.error(
-                "job %s: its log is gone (broker data lost); ending with log_lost", viewer.job_id
-            )
+            logger.error("job %s: its log is gone (broker data lost); ending with log_lost", job_id)
             # Every event but the first (start) and the last (done) is a token.
             lost = done_data(FAILED, None, max(sent - 1, 0), LOG_LOST)
-            return [Event(sent + 1, DONE, lost)]
+            return [Event(sent + 1, DONE, lost)], False
         run, _gap = next_run(events, sent)
-        return coalesce(run)
+        return coalesce(run), more
 
 
 class FeedSession:
-    """One viewer's feed: ``next()`` gives the next batch of events to send.
+    """One viewer's feed: ``next()`` gives what to send next.
 
-    A batch is a list of events in id order (merged tokens when read from
-    the log); ``None`` asks for a keepalive, at most once per ``keepalive_s``
-    of quiet; ``[]`` means the feed has ended: after the terminal event, when
-    the broker has been unreachable for longer than ``grace_s``, or when the
-    node shuts down (the client then reconnects and resumes). ``close()``
-    must follow, whatever happens.
+    A ``Batch``; or ``KEEPALIVE``, at most once per ``keepalive_s`` of quiet;
+    or ``END``: after the terminal event, when the broker has been
+    unreachable for longer than ``grace_s``, or when the node shuts down (the
+    client then reconnects and resumes). ``close()`` must follow, whatever
+    happens.
 
     ``next()`` is a plain coroutine, not an async generator: a cancelled
     request (the client left) must unwind through it reliably, and a
@@ -109,7 +150,7 @@ class FeedSession:
     def __init__(self, feed: Feed, viewer: Viewer, after: int, finished: bool = False):
         self.feed = feed
         self.viewer = viewer
-        self.sent = after  # ``viewer.lagging`` starts true: the first step reads the log
+        self.sent = after  # the last id sent
         self.finished = finished  # the job had ended when the stream opened
         self.quiet_since = 0.0
         self._quiet_from_now()
@@ -120,49 +161,52 @@ class FeedSession:
         """Something was just sent: the next keepalive, and the hub's tick
         that wakes the viewer for it, are ``keepalive_s`` away."""
         self.quiet_since = time.monotonic()
-        self.viewer.tick_after = self.quiet_since + self.feed.keepalive_s
+        self.viewer.keepalive_due_at(self.quiet_since + self.feed.keepalive_s)
 
-    async def next(self) -> list[Event] | None:
+    async def next(self) -> Step:
         feed, viewer = self.feed, self.viewer
         while not self.ended and not feed.stopping():
-            batch: list[Event] = []
-            if viewer.lagging:
-                viewer.lagging = False
+            events: list[Event] = []
+            if viewer.lagging:  # replay (a new viewer starts here), then live
+                viewer.start_catch_up()
                 try:
-                    batch = await feed._read_log(viewer, self.sent, self.finished)
+                    events, more = await feed.read_log(viewer.job_id, self.sent, self.finished)
                     raise_lost_cancel()
                     self.outage_since = None
+                    if more:
+                        viewer.mark_lagging()
                 except BrokerUnavailable:
-                    viewer.lagging = True
-                    self.outage_since = self.outage_since or time.monotonic()
-                    if time.monotonic() - self.outage_since > feed.grace_s:
+                    now = time.monotonic()
+                    self.outage_since = self.outage_since or now
+                    if now - self.outage_since > feed.grace_s:
                         break
-                    viewer.tick_after = 0.0  # retry at the hub's next tick
+                    viewer.retry_catch_up()
                     await viewer.wait()  # the hub's resubscribe, or its next tick
             else:
                 await viewer.wait()
-                events = viewer.take(self.sent)
-                if events and events[0].id == self.sent + 1:
-                    batch = events  # consecutive ids: exactly what comes next
-                elif events:  # fell behind the job's live buffer, or pub/sub skipped ids
-                    viewer.lagging = True
+                live = viewer.take(self.sent)
+                if live and live[0].id == self.sent + 1:
+                    events = live  # consecutive ids: exactly what comes next
+                elif live:  # fell behind the job's live buffer, or pub/sub skipped ids
+                    viewer.mark_lagging()
                     metrics.CATCH_UPS.inc()
                 elif feed.hub.disconnected_for(viewer.job_id) > feed.grace_s:
                     break
-            if batch:
+            if events:
+                batch = Batch(events, self.sent)
                 self._quiet_from_now()
-                self.sent = batch[-1].id
-                self.ended = batch[-1].name == DONE
-                metrics.EVENTS_SENT.inc(len(batch))
-                if batch[0].appended_ms:  # live, not read from the log
-                    lag_s = time.time() - batch[0].appended_ms / 1000
+                self.sent = events[-1].id
+                self.ended = events[-1].name == DONE
+                metrics.EVENTS_SENT.inc(len(events))
+                if events[0].appended_ms:  # live, not read from the log
+                    lag_s = time.time() - events[0].appended_ms / 1000
                     metrics.PUBLISH_TO_SEND.observe(max(lag_s, 0.0))
                 return batch
             if time.monotonic() - self.quiet_since >= feed.keepalive_s:
                 self._quiet_from_now()
                 return KEEPALIVE
         self.ended = True
-        return []
+        return END
 
     def close(self) -> None:
         metrics.OPEN_STREAMS.dec()

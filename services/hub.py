@@ -6,10 +6,15 @@ it. An incoming event is parsed once into an ``Event`` that every viewer of
 the job shares (its encoded frames are cached on it).
 
 Pub/sub is only a hint; the log is the truth. Each job keeps a short, bounded
-buffer of its live events, shared by its viewers: a viewer that fell behind
-it, or any viewer when the pub/sub connection was lost and re-established,
-is marked ``lagging`` and re-reads the log after the last id it sent (see
-``services.feed``). Nothing is dropped for good.
+buffer of its live events, shared by its viewers (``services.topic``): a
+viewer that fell behind it, or any viewer when the pub/sub connection was
+lost and re-established, is marked ``lagging`` and re-reads the log after the
+last id it sent (see ``services.feed``). Nothing is dropped for good.
+
+Who writes what: a ``_Shard`` owns its connection and its topics by channel,
+and tells the hub one thing, ``on_event(topic)``; the ``Hub`` owns the jobs'
+topics by id, the shards, the linger window's wake-ups and the viewer counts;
+a ``Topic`` owns its buffer, its viewers and whether it is subscribed.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from services import metrics
@@ -33,6 +38,7 @@ from services.redisconn import (
     cancel_and_wait,
     raise_lost_cancel,
 )
+from services.topic import Topic, Viewer
 from services.viewers import REFRESH_S, ViewerCounts
 
 log = logging.getLogger(__name__)
@@ -44,100 +50,9 @@ SUBSCRIBE_TIMEOUT_S = 3.0
 # event without it, 3.7 us with 10 ms (2.7 us with 20 ms); it adds at most
 # 10 ms to an event's latency.
 LINGER_S = 0.01
-# Live events a job keeps for its viewers: a viewer further behind catches
-# up from the log (also at most TOKENCAST_VIEWER_BUFFER events).
-KEEP_LIVE_MS = 2000
 COUNTS_FLUSH_S = 1.0
 BACKOFF_MIN_S = 0.05
 BACKOFF_MAX_S = 2.0
-
-
-class Viewer:
-    """One open stream's wake-up: it reads its job's live events from the
-    job's shared buffer (``_Topic``), after the last id it sent."""
-
-    __slots__ = ("_wakeup", "job_id", "lagging", "tick_after", "topic")
-
-    def __init__(self, topic: _Topic):
-        self.topic = topic
-        self.job_id = topic.job_id
-        self._wakeup = asyncio.Event()
-        # A new viewer starts lagging: it reads the log before anything live.
-        self.lagging = True
-        # The hub's tick wakes the viewer once ``time.monotonic()`` passes
-        # this (its next keepalive), or at every tick while pub/sub is down.
-        self.tick_after = 0.0
-
-    def resync(self) -> None:
-        """Make the viewer re-read the log after the last id it sent."""
-        self.lagging = True
-        self._wakeup.set()
-
-    async def wait(self) -> None:
-        """Until live events arrive, a resync is asked, or the hub's tick: no
-        timer per wait, which would cost more than the event itself."""
-        await self._wakeup.wait()
-
-    def tick(self) -> None:
-        self._wakeup.set()
-
-    def take(self, after: int) -> list[Event]:
-        """The job's buffered live events after id ``after``: consecutive
-        ids, oldest first. If the viewer fell behind the buffer, they start
-        past ``after + 1``: the caller then catches up from the log."""
-        self._wakeup.clear()
-        return self.topic.since(after)
-
-
-class _Topic:
-    """The local viewers of one job, whether its subscription is live, and
-    its recent live events, shared by all its viewers.
-
-    One buffer per job instead of one per viewer: an event costs one append
-    however many viewers watch, and the viewers are woken once per linger
-    window. Measured with 1,000 viewers of a 500 tokens/s job (make bench
-    S1): pushing each event to each viewer kept the pub/sub reader 100-400 ms
-    behind Redis.
-    """
-
-    __slots__ = ("channel", "events", "job_id", "limit", "ready", "shard", "viewers", "wake_due")
-
-    def __init__(self, job_id: str, channel: str, shard: _Shard, limit: int):
-        self.job_id = job_id
-        self.channel = channel
-        self.shard = shard
-        self.viewers: set[Viewer] = set()
-        self.ready = asyncio.Event()
-        self.events: list[Event] = []
-        self.limit = limit
-        self.wake_due = False  # the hub wakes this job's viewers after LINGER_S
-
-    def add_event(self, event: Event) -> None:
-        """Keep ``event``. The buffer always holds consecutive ids, so a
-        viewer's share of it is one slice."""
-        events = self.events
-        if events and event.id != events[-1].id + 1:
-            if event.id <= events[-1].id:
-                return  # a repeat: the buffer has it
-            events.clear()  # pub/sub skipped ids: viewers before the gap re-read the log
-        events.append(event)
-        # Events older than KEEP_LIVE_MS, or past the limit, are only for
-        # viewers that far behind, who catch up from the log instead.
-        oldest = event.appended_ms - KEEP_LIVE_MS
-        stale = 0
-        while events[stale].appended_ms < oldest:
-            stale += 1
-        stale = max(stale, len(events) - self.limit)
-        if stale:
-            del events[:stale]
-
-    def since(self, after: int) -> list[Event]:
-        """The buffered events after id ``after``; they start past
-        ``after + 1`` when the viewer fell behind the buffer."""
-        events = self.events
-        if not events or events[-1].id <= after:
-            return []
-        return events[max(after + 1 - events[0].id, 0) :]
 
 
 class _Shard:
@@ -145,29 +60,41 @@ class _Shard:
 
     It reconnects with backoff when the connection drops; every subscription
     it re-makes marks that job's viewers ``lagging`` so they re-read the log.
+    What it tells the hub is one call: ``on_event(topic)`` when a topic's
+    viewers are to be woken for new events.
     """
 
-    def __init__(self, hub: Hub, name: str):
-        self.hub = hub
+    def __init__(self, name: str, broker: Broker, on_event: Callable[[Topic], None]):
         self.name = name
-        self.topics: dict[bytes, _Topic] = {}
+        self._broker = broker
+        self._on_event = on_event
+        # Sharded pub/sub on a cluster: a channel lives on its slot's node only.
+        self._subscribe = "ssubscribe" if broker.cluster else "subscribe"
+        self._unsubscribe = "sunsubscribe" if broker.cluster else "unsubscribe"
+        self.topics: dict[bytes, Topic] = {}
         self._client: Redis | None = None
         self._pubsub: Any = None
         self.connected = asyncio.Event()
         # Set when a connection attempt failed or a connection dropped; a
         # shard still making its first connection is not "down".
         self.disconnected_at: float | None = None
+        self._pending: set[asyncio.Task] = set()  # (un)subscribe commands under way
         self.task = asyncio.create_task(self._read_loop(), name=f"hub-{name}")
 
-    def add(self, topic: _Topic) -> None:
+    def add(self, topic: Topic) -> None:
         self.topics[topic.channel.encode()] = topic
         if self.connected.is_set():
-            self.hub._spawn(self._send(self.hub.subscribe_command, topic.channel))
+            self._spawn(self._send(self._subscribe, topic.channel))
 
-    def remove(self, topic: _Topic) -> None:
+    def remove(self, topic: Topic) -> None:
         del self.topics[topic.channel.encode()]
         if self.connected.is_set():
-            self.hub._spawn(self._send(self.hub.unsubscribe_command, topic.channel))
+            self._spawn(self._send(self._unsubscribe, topic.channel))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     async def _send(self, command: str, channel: str) -> None:
         pubsub = self._pubsub
@@ -179,7 +106,7 @@ class _Shard:
             pass  # the reader notices the broken connection and resubscribes everything
 
     async def _connect(self) -> None:
-        self._client = self.hub.broker.pubsub_client(self.name)
+        self._client = self._broker.pubsub_client(self.name)
         self._pubsub = self._client.pubsub()
         # A connection with no subscription yet: a ping proves the broker answers.
         await self._pubsub.ping()
@@ -187,13 +114,18 @@ class _Shard:
         # sends its own subscribe (a duplicate subscribe is harmless).
         self.connected.set()
         self.disconnected_at = None
-        subscribe = getattr(self._pubsub, self.hub.subscribe_command)
+        subscribe = getattr(self._pubsub, self._subscribe)
         channels = [topic.channel for topic in self.topics.values()]
-        if self.hub.broker.cluster:
+        if self._broker.cluster:
             for channel in channels:  # SSUBSCRIBE takes channels of one slot only
                 await subscribe(channel)
         elif channels:
             await subscribe(*channels)
+
+    async def stop(self) -> None:
+        """Stop reading and close the connection."""
+        await cancel_and_wait([self.task, *self._pending])
+        await self.close()
 
     async def close(self) -> None:
         pubsub, client = self._pubsub, self._client
@@ -212,7 +144,7 @@ class _Shard:
             self.disconnected_at = time.monotonic()
         self.connected.clear()
         for topic in self.topics.values():
-            topic.ready.clear()
+            topic.unsubscribed()
 
     async def _read_loop(self) -> None:
         backoff = BACKOFF_MIN_S
@@ -252,18 +184,12 @@ class _Shard:
             except ValueError:
                 log.error("malformed event on %r", message["channel"])
                 return
-            topic.add_event(event)
-            if not topic.wake_due:
-                topic.wake_due = True
-                self.hub.due.append(topic)
-                self.hub.schedule_wakeups()
+            if topic.add_event(event):
+                self._on_event(topic)
         elif kind in ("subscribe", "ssubscribe"):
             topic = self.topics.get(message["channel"])
             if topic is not None:
-                # Live from here on; whatever was published before is in the log.
-                topic.ready.set()
-                for viewer in topic.viewers:
-                    viewer.resync()
+                topic.subscribed()
 
 
 class Hub:
@@ -286,16 +212,12 @@ class Hub:
         self.keys = keys
         self.node_id = node_id
         self.viewer_buffer = viewer_buffer
-        # Sharded pub/sub on a cluster: a channel lives on its slot's node only.
-        self.subscribe_command = "ssubscribe" if broker.cluster else "subscribe"
-        self.unsubscribe_command = "sunsubscribe" if broker.cluster else "unsubscribe"
         self._counts = ViewerCounts(redis, keys)
-        self._topics: dict[str, _Topic] = {}
+        self._topics: dict[str, Topic] = {}
         self._shards: dict[str, _Shard] = {}
         self._dirty: set[str] = set()
         self._tasks: list[asyncio.Task] = []
-        self._pending: set[asyncio.Task] = set()
-        self.due: list[_Topic] = []  # jobs with new events, their viewers woken after LINGER_S
+        self._due: list[Topic] = []  # jobs with new events, their viewers woken after LINGER_S
         self._wakeups: asyncio.TimerHandle | None = None
         self.idle = asyncio.Event()  # set while no viewer is attached
         self.idle.set()
@@ -313,18 +235,15 @@ class Hub:
         ]
 
     async def stop(self) -> None:
-        await cancel_and_wait(
-            self._tasks + list(self._pending) + [s.task for s in self._shards.values()]
-        )
-        for shard in self._shards.values():
-            await shard.close()
+        await cancel_and_wait(self._tasks)
+        await asyncio.gather(*(shard.stop() for shard in self._shards.values()))
         with contextlib.suppress(Exception):
             await self._counts.report({job_id: 0 for job_id in self._topics}, self.node_id)
 
     def _shard(self, name: str) -> _Shard:
         shard = self._shards.get(name)
         if shard is None:
-            shard = self._shards[name] = _Shard(self, name)
+            shard = self._shards[name] = _Shard(name, self.broker, self._on_event)
         return shard
 
     # Health.
@@ -337,7 +256,7 @@ class Hub:
         """Seconds since the pub/sub connection (of ``job_id``'s shard, or of
         any shard) was lost; 0 while connected."""
         topic = self._topics.get(job_id) if job_id else None
-        shards = [topic.shard] if topic else list(self._shards.values())
+        shards = [self._shards[topic.shard_name]] if topic else list(self._shards.values())
         now = time.monotonic()
         return max((now - s.disconnected_at for s in shards if s.disconnected_at), default=0.0)
 
@@ -363,10 +282,9 @@ class Hub:
                 shard = self._shard(self.broker.shard_for(self.redis, channel))
             except BROKER_IO_ERRORS as exc:
                 raise BrokerUnavailable(f"cannot locate the job's shard: {exc}") from exc
-            topic = self._topics[job_id] = _Topic(job_id, channel, shard, self.viewer_buffer)
+            topic = self._topics[job_id] = Topic(job_id, channel, shard.name, self.viewer_buffer)
             shard.add(topic)
-        viewer = Viewer(topic)
-        topic.viewers.add(viewer)
+        viewer = topic.add_viewer()
         self.idle.clear()
         self._dirty.add(job_id)
         try:
@@ -384,35 +302,29 @@ class Hub:
         topic = self._topics.get(viewer.job_id)
         if topic is None:
             return
-        topic.viewers.discard(viewer)
         self._dirty.add(viewer.job_id)
-        if not topic.viewers:
+        if topic.remove_viewer(viewer):
             del self._topics[viewer.job_id]
-            topic.shard.remove(topic)
+            self._shards[topic.shard_name].remove(topic)
             if not self._topics:
                 self.idle.set()
 
     def close_all(self) -> None:
         """Wake every viewer so streams notice a shutdown at once."""
         for topic in self._topics.values():
-            for viewer in topic.viewers:
-                viewer.resync()
+            topic.resync_viewers()
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    def schedule_wakeups(self) -> None:
-        if self.due and self._wakeups is None:
+    def _on_event(self, topic: Topic) -> None:
+        """A shard's call: ``topic`` has new events; wake its viewers after
+        LINGER_S, together with every other job's of that window."""
+        self._due.append(topic)
+        if self._wakeups is None:
             self._wakeups = asyncio.get_running_loop().call_later(LINGER_S, self._wake_due)
 
     def _wake_due(self) -> None:
-        due, self.due, self._wakeups = self.due, [], None
+        due, self._due, self._wakeups = self._due, [], None
         for topic in due:
-            topic.wake_due = False
-            for viewer in topic.viewers:
-                viewer.tick()
+            topic.wake_viewers()
 
     async def _tick_loop(self) -> None:
         """Each ``tick_s``, wake the viewers whose keepalive is due, and every

@@ -9,6 +9,7 @@ from quart import current_app
 
 from services.config import Settings
 from services.eventlog import EventLog
+from services.feed import Feed
 from services.history import FinishedLogs
 from services.hub import Hub
 from services.jobs import JobStore
@@ -35,6 +36,19 @@ class Context:
     )
     draining: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
+    feed: Feed = field(init=False)
+
+    def __post_init__(self) -> None:
+        # One feed for the node: every stream shares it, and its finished-log cache.
+        self.feed = Feed(
+            self.hub,
+            self.log,
+            self.store.exists,
+            keepalive_s=self.settings.keepalive_s,
+            grace_s=self.settings.broker_grace_s,
+            stopping=lambda: self.draining,
+            history=self.history,
+        )
 
     @classmethod
     def build(cls, settings: Settings, broker: Broker) -> Context:

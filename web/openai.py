@@ -19,6 +19,7 @@ from quart import Blueprint, Response, jsonify
 from quart_schema import document_request
 
 from services.events import DONE, FAILED
+from services.feed import END, Batch
 from services.jobs import JobState
 from services.logs import job_created
 from web.api import logged_prompt, model_or_404, read_json, spec_from, viewer_token_for
@@ -38,7 +39,7 @@ from web.models import (
     validate_job,
 )
 from web.openai_format import ChunkEncoder, completion_body, error_body
-from web.stream import event_stream, feed_for, refuse_new_stream, stream_response
+from web.stream import event_stream, refuse_new_stream, stream_response
 
 bp = Blueprint("openai", __name__)
 
@@ -135,14 +136,14 @@ async def chat_completions() -> Response:
 async def _completion(context: Context, state: JobState, headers: dict[str, str]) -> Response:
     """Wait for the job's ``done``, then answer with the whole completion."""
     done = None
-    session = await feed_for(context).open(state.id, 0)
+    session = await context.feed.open(state.id, 0)
     try:
         while session is not None:
-            batch = await session.next()
-            if batch == []:
+            step = await session.next()
+            if step is END:
                 break
-            if batch and batch[-1].name == DONE:
-                done = batch[-1].payload()
+            if isinstance(step, Batch) and step.events[-1].name == DONE:
+                done = step.events[-1].payload()
     finally:
         if session is not None:
             session.close()

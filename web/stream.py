@@ -8,7 +8,7 @@ from quart import Blueprint, Response, request
 from quart_schema import document_querystring, document_response
 
 from services import metrics
-from services.feed import Feed
+from services.feed import END, Batch
 from services.logs import count_events
 from services.redisconn import raise_lost_cancel
 from services.resume import parse_last_event_id
@@ -95,19 +95,6 @@ def refuse_new_stream(context: Context) -> Response | None:
     return None
 
 
-def feed_for(context: Context) -> Feed:
-    settings = context.settings
-    return Feed(
-        context.hub,
-        context.log,
-        context.store.exists,
-        keepalive_s=settings.keepalive_s,
-        grace_s=settings.broker_grace_s,
-        stopping=lambda: context.draining,
-        history=context.history,
-    )
-
-
 def event_stream(
     context: Context,
     job_id: str,
@@ -140,19 +127,18 @@ async def _event_stream(
         if retry_ms is not None:
             yield retry_frame(retry_ms)
             raise_lost_cancel()
-        session = await feed_for(context).open(job_id, after, finished)
+        session = await context.feed.open(job_id, after, finished)
         while session is not None:
-            sent = session.sent
-            batch = await session.next()
-            if batch is None:
-                yield encoding.keepalive
-            elif not batch:
+            step = await session.next()
+            if isinstance(step, Batch):
+                frames = encoding.frames(step.events, step.after)
+                metrics.BYTES_SENT.inc(len(frames))
+                count_events(len(step.events))
+                yield frames
+            elif step is END:
                 return
             else:
-                frames = encoding.frames(batch, sent)
-                metrics.BYTES_SENT.inc(len(frames))
-                count_events(len(batch))
-                yield frames
+                yield encoding.keepalive
             raise_lost_cancel()
     finally:
         if session is not None:
