@@ -19,7 +19,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from services import metrics
 from services.errors import BrokerUnavailable, Fenced, JobFinished
-from services.events import DONE, START, TOKEN, Event, done_data, start_data, token_data
+from services.events import DONE, START, TOKEN, Event, JobStatus, done_data, start_data, token_data
 from services.keys import Keys
 from services.redisconn import Redis, broker_errors, is_cluster, register_log_script
 
@@ -245,7 +245,7 @@ class JobWriter:
 
     async def finish(
         self,
-        status: str,
+        status: JobStatus,
         finish_reason: str | None,
         error: dict[str, str] | None = None,
         *,

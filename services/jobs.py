@@ -17,14 +17,11 @@ from typing import Any
 from services import metrics
 from services.errors import JobFinished, JobNotFound, QueueFull
 from services.eventlog import LUA_LOG_LIB
-from services.events import CANCELLED, done_data
+from services.events import CANCELLED, JobStatus, done_data
 from services.keys import Keys
 from services.queue import JobQueue
 from services.redisconn import Redis, broker_errors, register_log_script
 from services.viewers import ViewerCounts
-
-QUEUED = "queued"
-RUNNING = "running"
 
 # 22 URL-safe characters. The first is never "-", so an id typed on a command
 # line (`tokencast watch <id>`) is never taken for an option: 21 characters of
@@ -72,7 +69,7 @@ class JobState:
     """A job as ``GET /v1/jobs/<id>`` shows it."""
 
     id: str
-    status: str
+    status: JobStatus
     model: str
     created_at: str
     started_at: str | None
@@ -142,7 +139,7 @@ class JobStore:
         job_id = new_job_id()
         created_at = now_iso()
         fields: dict[str, str | int] = {
-            "status": QUEUED,
+            "status": JobStatus.QUEUED,
             "model": spec.model,
             "created_at": created_at,
             "spec": spec.to_json(),
@@ -161,7 +158,7 @@ class JobStore:
         metrics.JOBS_CREATED.inc()
         return JobState(
             id=job_id,
-            status=QUEUED,
+            status=JobStatus.QUEUED,
             model=spec.model,
             created_at=created_at,
             started_at=None,
@@ -190,7 +187,7 @@ class JobStore:
             error = {"code": raw["error_code"], "message": raw.get("error_message", "")}
         return JobState(
             id=job_id,
-            status=raw["status"],
+            status=JobStatus(raw["status"]),
             model=raw["model"],
             created_at=raw["created_at"],
             started_at=raw.get("started_at"),

@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field
 from quart import Quart
 from quart_schema import QuartSchema
 
+from services.events import JobStatus
+
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="A stable code, e.g. invalid_request, job_not_found")
@@ -27,7 +29,7 @@ class ErrorBody(BaseModel):
 
 class JobCreated(BaseModel):
     id: str = Field(description="22 URL-safe characters (128 random bits)")
-    status: Literal["queued"]
+    status: Literal[JobStatus.QUEUED]
     model: str
     created_at: str = Field(description="UTC, e.g. 2026-11-24T10:00:00.000Z")
     events_url: str
@@ -42,7 +44,7 @@ class JobError(BaseModel):
 
 class JobStateBody(BaseModel):
     id: str
-    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    status: JobStatus
     model: str
     created_at: str
     started_at: str | None
