@@ -17,7 +17,7 @@ DONE = "done"
 
 
 class JobStatus(StrEnum):
-    """A job's status, spelled as its hash, ``GET /v1/jobs/<id>`` and ``done`` spell it."""
+    """A job's status, as its hash, ``GET /v1/jobs/<id>`` and the ``done`` event spell it."""
 
     QUEUED = "queued"
     RUNNING = "running"

@@ -105,6 +105,8 @@ def append_args(
 
 @dataclass(frozen=True, slots=True)
 class AppendResult:
+    """Where the log stands after an append, and whether a cancel was asked."""
+
     last_id: int
     cancel_requested: bool
 
@@ -136,6 +138,7 @@ local status = redis.call('HGET', job_key, 'status')
 if not status then return {'gone'} end
 if redis.call('HEXISTS', job_key, 'finished_at') == 1 then return {'finished'} end
 if status == QUEUED then
+  -- A cancel's finish reason is spelled like its status.
   redis.call('HSET', job_key, 'owner', ARGV[1], 'status', CANCELLED,
              'finish_reason', CANCELLED, 'finished_at', ARGV[3])
   append_event('done', ARGV[2], '')
