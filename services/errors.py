@@ -8,7 +8,8 @@
     ├── RateLimited            a per-client limit reached (web: 429 + Retry-After)
     ├── JobFinished            the job already ended, e.g. cancel (web: 409)
     ├── Fenced                 this writer lost the job's lease; it must stop
-    └── BackendError           a model backend failed; ``code`` goes in ``done``
+    ├── BackendError           a model backend failed; ``code`` goes in ``done``
+    └── UnexpectedReply        a Redis script answered outside its protocol (a bug)
 
 Redis errors are translated where they are raised (``from exc``), so callers
 above ``services`` never catch a redis-py exception.
@@ -63,3 +64,7 @@ class BackendError(TokencastError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class UnexpectedReply(TokencastError):
+    """A Redis script answered something its decoder does not know."""

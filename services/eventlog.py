@@ -12,87 +12,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError
 
 from services import metrics
-from services.errors import BrokerUnavailable, Fenced, JobFinished
-from services.events import DONE, START, TOKEN, Event, done_data, start_data, token_data
+from services.errors import BrokerUnavailable
+from services.events import DONE, START, TOKEN, Event, JobStatus, done_data, start_data, token_data
 from services.keys import Keys
-from services.redisconn import Redis, broker_errors, is_cluster, register_log_script
+from services.logscripts import (
+    APPEND_BODY,
+    CANCEL_BODY,
+    AppendResult,
+    CancelOutcome,
+    append_args,
+    cancel_args,
+    decode_append,
+    decode_cancel,
+    log_script,
+)
+from services.redisconn import Redis, broker_errors, is_cluster
 
 log = logging.getLogger(__name__)
 
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 1.0
-
-# Lua helpers shared by every script that writes a job's log.
-# KEYS of such a script: job, log, text, channel, viewers (``Keys.job_keys``).
-# Each published message carries the append time (the Redis clock, ms), so
-# web nodes can measure publish-to-send latency.
-LUA_LOG_LIB = """
-local clock = redis.call('TIME')
-local appended_ms = clock[1] .. string.format('%03d', math.floor(clock[2] / 1000))
-
-local function append_event(name, data, piece)
-  local last = redis.call('HINCRBY', KEYS[1], 'last_event_id', 1)
-  redis.call('XADD', KEYS[2], last .. '-0', 'e', name, 'd', data)
-  redis.call('PUBLISH_COMMAND', KEYS[4], last .. ' ' .. appended_ms .. ' ' .. name .. ' ' .. data)
-  if name == 'token' then
-    redis.call('HINCRBY', KEYS[1], 'tokens', 1)
-    redis.call('APPEND', KEYS[3], piece)
-  end
-  return last
-end
-
-local function expire_job(ms)
-  for k = 1, #KEYS do
-    if k ~= 4 then redis.call('PEXPIRE', KEYS[k], ms) end
-  end
-end
-"""
-
-# ARGV: owner, expected last id, n, (name, data, text piece) * n, m, (field, value) * m,
-# expire ms.  Returns {last event id, cancel requested ("1" or "")}.
-# Idempotent: a retried call whose first attempt landed (its reply was lost to
-# a dropped connection) finds the log already n events further and does nothing.
-APPEND_SCRIPT = (
-    LUA_LOG_LIB
-    + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('GONE job does not exist') end
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then
-  return redis.error_reply('FENCED another writer owns this job')
-end
-local n = tonumber(ARGV[3])
-local current = tonumber(redis.call('HGET', KEYS[1], 'last_event_id') or '0')
-if n > 0 and current == tonumber(ARGV[2]) + n then
-  return {current, redis.call('HGET', KEYS[1], 'cancel') or ''}
-end
-if current ~= tonumber(ARGV[2]) then
-  return redis.error_reply('FENCED the log moved on without this writer')
-end
-if redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
-  return redis.error_reply('FINISHED the job has ended')
-end
-local last = current
-local i = 4
-for _ = 1, n do
-  last = append_event(ARGV[i], ARGV[i + 1], ARGV[i + 2])
-  i = i + 3
-end
-local m = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, m do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  i = i + 2
-end
-local expire_ms = tonumber(ARGV[i])
-if expire_ms > 0 then expire_job(expire_ms) end
-return {last, redis.call('HGET', KEYS[1], 'cancel') or ''}
-"""
-)
 
 
 class EventLog:
@@ -126,8 +70,9 @@ _Queued = tuple[list[str], list[str | int], asyncio.Future]
 
 
 class LogAppender:
-    """Runs the append script for every job this process writes, several
-    appends per round trip.
+    """The writer side of the logs of every job this process writes: it runs
+    each script that writes a log (``services.logscripts``), the appends
+    several per round trip.
 
     An append waits while a pipeline is in flight and goes out with every
     other append queued meanwhile: with one job it is sent at once, with
@@ -140,21 +85,31 @@ class LogAppender:
 
     def __init__(self, redis: Redis):
         self.redis = redis
-        self._script = register_log_script(redis, APPEND_SCRIPT)
         self._cluster = is_cluster(redis)
+        self._append_script = redis.register_script(log_script(APPEND_BODY, cluster=self._cluster))
+        self._cancel_script = redis.register_script(log_script(CANCEL_BODY, cluster=self._cluster))
         self._queued: list[_Queued] = []
         self._sender: asyncio.Task | None = None
 
-    async def append(self, keys: list[str], args: list[str | int]) -> Any:
-        """The script's reply for this job; raises its error reply as
-        ``ResponseError`` and connection failures as redis-py raises them."""
+    async def append(self, keys: list[str], args: list[str | int]) -> AppendResult:
+        """Append to the log of the job ``keys`` (``Keys.job_keys``) what
+        ``args`` (``append_args``) hold. Raises ``Fenced`` or ``JobFinished``
+        when refused, and connection failures as redis-py raises them."""
         if self._cluster:  # redis-py refuses scripts in a cluster's pipelines
-            return await self._script(keys=keys, args=args)
+            return decode_append(await self._append_script(keys=keys, args=args))
         future = asyncio.get_running_loop().create_future()
         self._queued.append((keys, args, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_queued())
-        return await future
+        return decode_append(await future)
+
+    async def cancel(
+        self, keys: list[str], *, canceller: str, finished_at: str, expire_ms: int
+    ) -> CancelOutcome:
+        """Cancel the job ``keys`` (``Keys.job_keys``): a queued one ends now,
+        owned by ``canceller``, its keys expiring after ``expire_ms``."""
+        args = cancel_args(canceller, finished_at, expire_ms)
+        return decode_cancel(await self._cancel_script(keys=keys, args=args))
 
     async def _send_queued(self) -> None:
         batch: list[_Queued] = []
@@ -184,24 +139,18 @@ class LogAppender:
         """One round trip; the replies in order, error replies as exceptions.
         A script Redis does not know (a new or restarted server) is loaded and
         its calls sent again."""
-        sha = self._script.sha
+        sha = self._append_script.sha
         async with self.redis.pipeline(transaction=False) as pipe:
             for keys, args, _ in batch:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             replies: list = await pipe.execute(raise_on_error=False)
         unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if unknown:
-            await self.redis.script_load(self._script.script)
+            await self.redis.script_load(self._append_script.script)
             retried = await self._pipeline([batch[i] for i in unknown])
             for i, reply in zip(unknown, retried, strict=True):
                 replies[i] = reply
         return replies
-
-
-@dataclass
-class AppendResult:
-    last_id: int
-    cancel_requested: bool
 
 
 class JobWriter:
@@ -245,7 +194,7 @@ class JobWriter:
 
     async def finish(
         self,
-        status: str,
+        status: JobStatus,
         finish_reason: str | None,
         error: dict[str, str] | None = None,
         *,
@@ -269,34 +218,18 @@ class JobWriter:
         fields: dict[str, str] | None = None,
         expire_ms: int = 0,
     ) -> AppendResult:
-        fields = fields or {}
-        args: list[str | int] = [self.owner, self.last_id, len(events)]
-        for event in events:
-            args.extend(event)
-        args.append(len(fields))
-        for item in fields.items():
-            args.extend(item)
-        args.append(expire_ms)
-        try:
-            last, cancel = await self._call_with_retry(args)
-        except ResponseError as exc:
-            reason = str(exc)
-            if reason.startswith("FINISHED"):
-                raise JobFinished(reason) from exc
-            if reason.startswith(("FENCED", "GONE")):
-                raise Fenced(reason) from exc
-            raise
-        self.last_id = int(last)
-        return AppendResult(self.last_id, cancel in ("1", b"1"))
+        args = append_args(self.owner, self.last_id, events, fields or {}, expire_ms)
+        result = await self._call_with_retry(args)
+        self.last_id = result.last_id
+        return result
 
-    async def _call_with_retry(self, args: list[str | int]) -> list:
+    async def _call_with_retry(self, args: list[str | int]) -> AppendResult:
         deadline = time.monotonic() + self.retry_s
         delay = RETRY_MIN_S
         while True:
             try:
                 with broker_errors():
-                    reply: list = await self.appender.append(self.keys.job_keys(self.job_id), args)
-                    return reply
+                    return await self.appender.append(self.keys.job_keys(self.job_id), args)
             except BrokerUnavailable:
                 if time.monotonic() + delay > deadline:
                     raise

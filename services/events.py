@@ -8,16 +8,35 @@ On the pub/sub channel an event travels as ``"<id> <appended ms> <name> <data>"`
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from typing import Any
 
 START = "start"
 TOKEN = "token"
 DONE = "done"
 
-COMPLETED = "completed"
-FAILED = "failed"
-CANCELLED = "cancelled"
-TERMINAL_STATUSES = frozenset({COMPLETED, FAILED, CANCELLED})
+
+class JobStatus(StrEnum):
+    """A job's status, as its hash, ``GET /v1/jobs/<id>`` and the ``done`` event spell it."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """The job has its ``done`` event: it never changes status again."""
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+# The statuses a ``done`` event carries, by their short names.
+COMPLETED, FAILED, CANCELLED = JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED
+
+# Every status as a Lua local (``local QUEUED = 'queued'`` …): the scripts that
+# read or set a status start with this, so Lua never spells one itself.
+LUA_STATUSES = "".join(f"local {status.name} = '{status.value}'\n" for status in JobStatus)
 
 
 def dumps(value: Any) -> str:
@@ -73,7 +92,7 @@ def token_data(text: str, first_id: int | None = None) -> str:
 
 
 def done_data(
-    status: str,
+    status: JobStatus,
     finish_reason: str | None,
     tokens: int,
     error: dict[str, str] | None = None,

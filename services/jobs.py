@@ -16,15 +16,13 @@ from typing import Any
 
 from services import metrics
 from services.errors import JobFinished, JobNotFound, QueueFull
-from services.eventlog import LUA_LOG_LIB
-from services.events import CANCELLED, done_data
+from services.eventlog import LogAppender
+from services.events import JobStatus
 from services.keys import Keys
+from services.logscripts import CancelOutcome
 from services.queue import JobQueue
-from services.redisconn import Redis, broker_errors, register_log_script
+from services.redisconn import Redis, broker_errors
 from services.viewers import ViewerCounts
-
-QUEUED = "queued"
-RUNNING = "running"
 
 # 22 URL-safe characters. The first is never "-", so an id typed on a command
 # line (`tokencast watch <id>`) is never taken for an option: 21 characters of
@@ -79,7 +77,7 @@ class JobState:
     """A job as ``GET /v1/jobs/<id>`` shows it."""
 
     id: str
-    status: str
+    status: JobStatus
     model: str
     created_at: str
     started_at: str | None
@@ -110,28 +108,6 @@ class StreamPosition:
     finished: bool
 
 
-# KEYS: job, log, text, channel, viewers.  ARGV: canceller, done data, finished_at, expire ms.
-# A queued job is ended here at once (no worker holds it); a running one is
-# flagged, and its worker ends it.
-CANCEL_SCRIPT = (
-    LUA_LOG_LIB
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'gone' end
-if redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then return 'finished' end
-if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'status', 'cancelled',
-             'finish_reason', 'cancelled', 'finished_at', ARGV[3])
-  append_event('done', ARGV[2], '')
-  expire_job(tonumber(ARGV[4]))
-  return 'cancelled'
-end
-redis.call('HSET', KEYS[1], 'cancel', '1')
-return 'flagged'
-"""
-)
-
-
 class JobStore:
     """Creates, reads and cancels jobs."""
 
@@ -142,14 +118,14 @@ class JobStore:
         self.max_queued_jobs = max_queued_jobs
         self.queue = JobQueue(redis, keys)
         self.viewers = ViewerCounts(redis, keys)
-        self._cancel = register_log_script(redis, CANCEL_SCRIPT)
+        self.appender = LogAppender(redis)  # for cancels: they end a queued job's log
 
     async def create(self, spec: JobSpec) -> JobState:
         """Store a new job and queue it. Raises ``QueueFull`` past the queue limit."""
         job_id = new_job_id()
         created_at = now_iso()
         fields: dict[str, str | int] = {
-            "status": QUEUED,
+            "status": JobStatus.QUEUED,
             "model": spec.model,
             "created_at": created_at,
             "spec": spec.to_json(),
@@ -168,7 +144,7 @@ class JobStore:
         metrics.JOBS_CREATED.inc()
         return JobState(
             id=job_id,
-            status=QUEUED,
+            status=JobStatus.QUEUED,
             model=spec.model,
             created_at=created_at,
             started_at=None,
@@ -197,7 +173,7 @@ class JobStore:
             error = {"code": raw["error_code"], "message": raw.get("error_message", "")}
         return JobState(
             id=job_id,
-            status=raw["status"],
+            status=JobStatus(raw["status"]),
             model=raw["model"],
             created_at=raw["created_at"],
             started_at=raw.get("started_at"),
@@ -230,19 +206,18 @@ class JobStore:
 
         Raises ``JobNotFound`` or ``JobFinished``.
         """
-        args: list[str | int] = [
-            f"cancel:{new_job_id()}",
-            done_data(CANCELLED, CANCELLED, 0),
-            now_iso(),
-            int(self.retention_s * 1000),
-        ]
         with broker_errors():
-            outcome = await self._cancel(keys=self.keys.job_keys(job_id), args=args)
-            if outcome == "cancelled":
+            outcome = await self.appender.cancel(
+                self.keys.job_keys(job_id),
+                canceller=f"cancel:{new_job_id()}",
+                finished_at=now_iso(),
+                expire_ms=int(self.retention_s * 1000),
+            )
+            if outcome is CancelOutcome.ENDED:
                 await self.queue.forget_waiting(job_id)
-                metrics.JOBS_FINISHED.labels(CANCELLED).inc()
-        if outcome == "gone":
+                metrics.JOBS_FINISHED.labels(JobStatus.CANCELLED).inc()
+        if outcome is CancelOutcome.GONE:
             raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
-        if outcome == "finished":
+        if outcome is CancelOutcome.FINISHED:
             raise JobFinished(f"job {job_id} has already finished")
         return await self.get(job_id)

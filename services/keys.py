@@ -38,7 +38,8 @@ class Keys:
         return f"{self.prefix}:{{{job_id}}}:events"
 
     def job_keys(self, job_id: str) -> list[str]:
-        """The keys a writer script touches, in the order the scripts expect."""
+        """The KEYS of every script that writes a job's log, in the order
+        ``services.logscripts.LUA_LOG_LIB`` binds them to names."""
         return [
             self.job(job_id),
             self.log(job_id),
@@ -46,10 +47,6 @@ class Keys:
             self.channel(job_id),
             self.viewers(job_id),
         ]
-
-    def channel_prefix(self) -> str:
-        """What every job channel starts with; the hub strips it to get the id."""
-        return f"{self.prefix}:{{"
 
     # The queue.
     def queue(self) -> str:

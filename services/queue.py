@@ -18,6 +18,8 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
+from services.errors import UnexpectedReply
+from services.events import LUA_STATUSES, JobStatus
 from services.keys import QUEUE_GROUP, Keys
 from services.redisconn import Redis, broker_errors
 
@@ -44,20 +46,21 @@ return 1
 """
 )
 
-# KEYS: job.  ARGV: owner, lease ms, queue entry id, started_at.
-# Returns {'ok', lease expiry, last event id, tokens, attempts} or {status}.
+# KEYS: job.  ARGV: owner, lease ms, queue entry id, started_at.  Answers
+# {'started', lease expiry, last event id, tokens, attempts}, {'not_queued', status} or {'gone'}.
 START_SCRIPT = (
-    LUA_NOW_MS
+    LUA_STATUSES
+    + LUA_NOW_MS
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'gone'} end
-if status ~= 'queued' then return {status} end
+if status ~= QUEUED then return {'not_queued', status} end
 local expiry = now + tonumber(ARGV[2])
-redis.call('HSET', KEYS[1], 'status', 'running', 'owner', ARGV[1],
+redis.call('HSET', KEYS[1], 'status', RUNNING, 'owner', ARGV[1],
            'lease_expires', expiry, 'queue_entry', ARGV[3])
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[4])
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-return {'ok', expiry, tonumber(redis.call('HGET', KEYS[1], 'last_event_id')),
+return {'started', expiry, tonumber(redis.call('HGET', KEYS[1], 'last_event_id')),
         tonumber(redis.call('HGET', KEYS[1], 'tokens')), attempts}
 """
 )
@@ -80,9 +83,10 @@ return {expiry, redis.call('HGET', KEYS[1], 'cancel') or ''}
 # Returns {'taken', tokens, attempts, cancel flag, queue entry, last event id},
 # {'alive', expiry} or {'done'}.
 TAKEOVER_SCRIPT = (
-    LUA_NOW_MS
+    LUA_STATUSES
+    + LUA_NOW_MS
     + """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running'
+if redis.call('HGET', KEYS[1], 'status') ~= RUNNING
    or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
   return {'done'}
 end
@@ -98,12 +102,15 @@ return {'taken', tonumber(redis.call('HGET', KEYS[1], 'tokens')),
 )
 
 # KEYS: job.  ARGV: owner.  Puts a taken-over job back in the queued state.
-REQUEUE_SCRIPT = """
+REQUEUE_SCRIPT = (
+    LUA_STATUSES
+    + """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'queued')
+redis.call('HSET', KEYS[1], 'status', QUEUED)
 redis.call('HDEL', KEYS[1], 'owner', 'lease_expires', 'queue_entry')
 return 1
 """
+)
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,19 @@ class Started:
 
 
 @dataclass(frozen=True)
+class NotStarted:
+    """A claimed job that was not queued any more: ``status`` is what it is
+    instead (cancelled meanwhile, running elsewhere), ``None`` when it is gone."""
+
+    status: JobStatus | None
+
+    @property
+    def ended(self) -> bool:
+        """Nobody will run it: its queue entry can be settled."""
+        return self.status is None or self.status.terminal
+
+
+@dataclass(frozen=True)
 class TakenOver:
     """An expired job a reaper now owns."""
 
@@ -133,6 +153,54 @@ class TakenOver:
     cancel_requested: bool
     entry_id: str
     last_event_id: int
+
+
+@dataclass(frozen=True)
+class _Lease:
+    """A lease that runs until ``expires_ms`` (Redis clock)."""
+
+    expires_ms: int
+    cancel_requested: bool = False
+
+
+# The only readers of the scripts' replies.
+def _decode_start(reply: Any) -> Started | NotStarted:
+    match reply:
+        case ["started", expiry, last_event_id, tokens, attempts]:
+            return Started(int(expiry), int(last_event_id), int(tokens), int(attempts))
+        case ["not_queued", status]:
+            return NotStarted(JobStatus(status))
+        case ["gone"]:
+            return NotStarted(None)
+    raise UnexpectedReply(f"the start script answered {reply!r}")
+
+
+def _decode_renew(reply: Any) -> _Lease | None:
+    """``None``: this owner lost the lease, or the job ended."""
+    match reply:
+        case [-1, _]:
+            return None
+        case [expiry, cancel]:
+            return _Lease(int(expiry), cancel_requested=cancel == "1")
+    raise UnexpectedReply(f"the renew script answered {reply!r}")
+
+
+def _decode_takeover(reply: Any) -> TakenOver | _Lease | None:
+    """A ``_Lease``: its owner renewed it after all; ``None``: the job is not running any more."""
+    match reply:
+        case ["taken", tokens, attempts, cancel, entry_id, last_event_id]:
+            return TakenOver(
+                tokens=int(tokens),
+                attempts=int(attempts),
+                cancel_requested=cancel == "1",
+                entry_id=entry_id,
+                last_event_id=int(last_event_id),
+            )
+        case ["alive", expiry]:
+            return _Lease(int(expiry))
+        case ["done"]:
+            return None
+    raise UnexpectedReply(f"the takeover script answered {reply!r}")
 
 
 def lease_ttl_ms(lease_s: float) -> int:
@@ -209,29 +277,31 @@ class JobQueue:
 
     async def start(
         self, claim: Claim, owner: str, lease_s: float, started_at: str
-    ) -> Started | str:
-        """Take ownership of a claimed job; returns its status instead when it is not queued."""
+    ) -> Started | NotStarted:
+        """Take ownership of a claimed job, unless it is not queued any more."""
         with broker_errors():
             reply = await self._start(
                 keys=[self.keys.job(claim.job_id)],
                 args=[owner, lease_ttl_ms(lease_s), claim.entry_id, started_at],
             )
-            if reply[0] != "ok":
-                return str(reply[0])
+            started = _decode_start(reply)
+            if isinstance(started, NotStarted):
+                return started
             await self.redis.zrem(self.keys.waiting(), claim.job_id)
-            await self.redis.zadd(self.keys.leases(), {claim.job_id: reply[1]})
-        return Started(int(reply[1]), int(reply[2]), int(reply[3]), int(reply[4]))
+            await self.redis.zadd(self.keys.leases(), {claim.job_id: started.lease_expires_ms})
+        return started
 
     async def renew(self, job_id: str, owner: str, lease_s: float) -> tuple[bool, bool]:
         """Extend the lease: ``(still the owner, cancel requested)``."""
         with broker_errors():
-            expiry, cancel = await self._renew(
+            reply = await self._renew(
                 keys=[self.keys.job(job_id)], args=[owner, lease_ttl_ms(lease_s)]
             )
-            if int(expiry) < 0:
+            renewed = _decode_renew(reply)
+            if renewed is None:
                 return False, False
-            await self.redis.zadd(self.keys.leases(), {job_id: expiry})
-        return True, cancel == "1"
+            await self.redis.zadd(self.keys.leases(), {job_id: renewed.expires_ms})
+        return True, renewed.cancel_requested
 
     async def cancel_requested(self, job_id: str, owner: str) -> tuple[bool, bool]:
         """A cheap read: ``(still the owner, cancel requested)``."""
@@ -269,15 +339,13 @@ class JobQueue:
             reply = await self._takeover(
                 keys=[self.keys.job(job_id)], args=[owner, lease_ttl_ms(lease_s)]
             )
-            if reply[0] == "alive":
-                await self.redis.zadd(self.keys.leases(), {job_id: reply[1]})
+            found = _decode_takeover(reply)
+            if isinstance(found, _Lease):
+                await self.redis.zadd(self.keys.leases(), {job_id: found.expires_ms})
                 return None
-            if reply[0] == "done":
+            if found is None:
                 await self.redis.zrem(self.keys.leases(), job_id)
-                return None
-        return TakenOver(
-            int(reply[1]), int(reply[2]), reply[3] == "1", str(reply[4]), int(reply[5])
-        )
+        return found
 
     async def requeue(self, job_id: str, owner: str) -> bool:
         """Hand a job this owner holds back to the queue (it keeps its log)."""

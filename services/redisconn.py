@@ -136,14 +136,6 @@ def is_cluster(client: Redis) -> bool:
     return isinstance(client, RedisCluster)
 
 
-def register_log_script(client: Redis, source: str) -> Any:
-    """Register a script that publishes job events (``PUBLISH_COMMAND`` in its
-    source): SPUBLISH on a cluster, so the event goes to the job's own shard
-    only, PUBLISH on a single server."""
-    command = "SPUBLISH" if is_cluster(client) else "PUBLISH"
-    return client.register_script(source.replace("PUBLISH_COMMAND", command))
-
-
 @contextmanager
 def broker_errors() -> Iterator[None]:
     """Turn redis-py's connection errors into ``BrokerUnavailable``."""

@@ -8,11 +8,21 @@ return, and tests compare real responses against them.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, WithJsonSchema
 from quart import Quart
 from quart_schema import QuartSchema
+
+from services.events import JobStatus
+
+# Documented inline, as a plain list of the values (no schema of its own).
+Status = Annotated[
+    JobStatus,
+    WithJsonSchema(
+        {"enum": [status.value for status in JobStatus], "title": "Status", "type": "string"}
+    ),
+]
 
 
 class ErrorDetail(BaseModel):
@@ -27,7 +37,7 @@ class ErrorBody(BaseModel):
 
 class JobCreated(BaseModel):
     id: str = Field(description="22 URL-safe characters (128 random bits)")
-    status: Literal["queued"]
+    status: Literal[JobStatus.QUEUED]
     model: str
     created_at: str = Field(description="UTC, e.g. 2026-11-24T10:00:00.000Z")
     events_url: str
@@ -42,7 +52,7 @@ class JobError(BaseModel):
 
 class JobStateBody(BaseModel):
     id: str
-    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    status: Status
     model: str
     created_at: str
     started_at: str | None

@@ -12,11 +12,11 @@ from services import metrics
 from services.config import Settings
 from services.errors import BackendError, BrokerUnavailable, Fenced, JobFinished
 from services.eventlog import JobWriter, LogAppender
-from services.events import CANCELLED, COMPLETED, FAILED, TERMINAL_STATUSES
+from services.events import CANCELLED, COMPLETED, FAILED
 from services.jobs import JobSpec, now_iso
 from services.keys import Keys
 from services.logs import set_job_id
-from services.queue import RENEW_FRACTION, Claim, JobQueue, Started
+from services.queue import RENEW_FRACTION, Claim, JobQueue, NotStarted, Started
 from services.reaper import Reaper
 from services.redisconn import Redis, broker_errors, raise_lost_cancel
 from worker.backends.base import Backend
@@ -146,9 +146,8 @@ class Worker:
         owner = f"{self.consumer}/{secrets.token_hex(4)}"
         try:
             started = await self.queue.start(claim, owner, self.settings.lease_s, now_iso())
-            if isinstance(started, str):
-                # Cancelled while queued, gone, or running elsewhere.
-                if started in TERMINAL_STATUSES or started == "gone":
+            if isinstance(started, NotStarted):
+                if started.ended:  # cancelled while queued, or gone; else running elsewhere
                     await self.queue.settle(claim.job_id, claim.entry_id)
                 return
             await self._run_owned(claim, owner, started)

@@ -61,7 +61,7 @@ async def test_appends_of_forty_jobs_go_out_together_and_each_lands_in_its_own_l
         assert await redis.get(keys.text(writer.job_id)) == expected
 
 
-async def test_an_error_reply_goes_only_to_its_own_writer(redis, keys):
+async def test_a_refusal_goes_only_to_its_own_writer(redis, keys):
     appender = LogAppender(redis)
     writers = await started_jobs(redis, keys, appender, 3)
     fenced = JobWriter(appender, keys, "job-1", "another-owner", retention_s=60, last_id=1)
@@ -79,7 +79,7 @@ async def test_an_error_reply_goes_only_to_its_own_writer(redis, keys):
         "AppendResult",
     ]
     assert isinstance(results[1], Fenced)
-    assert str(results[1]) == "FENCED another writer owns this job"
+    assert str(results[1]) == "another writer owns this job"
     assert await redis.get(keys.text("job-0")) == "a"
     assert await redis.get(keys.text("job-1")) is None
     assert await redis.get(keys.text("job-2")) == "c"
