@@ -57,13 +57,15 @@ def test_stream_headers_retry_line_and_complete_event_sequence(node):
 
 def test_live_viewer_gets_each_event_as_it_happens(node):
     url = node.procs[0].url
-    job_id = create_job(url, max_tokens=10, seed=3, demo={"tokens_per_second": 20})
+    # 30 to 40 tokens over about 2 s: a viewer that connects late on a busy
+    # machine still sees most of them live.
+    job_id = create_job(url, max_tokens=40, seed=3, demo={"tokens_per_second": 20})
     got = read_stream(url, job_id)
     assert got.covered_ids == list(range(1, got.ids[-1] + 1))
     # Whatever was published before the viewer connected may come merged in
     # its first frame; from then on it is live: one event per token.
     live = got.events[2:]
-    assert len(live) >= 8
+    assert len(live) >= 20
     assert all("first_id" not in data for _id, _name, data in live)
 
 
