@@ -68,10 +68,16 @@ async def test_jobs_on_every_shard_stream_exactly_with_sharded_pubsub(nodes, red
         ]
         # While they watch: each job's channel is a shard channel, subscribed
         # on the master that owns its slot (once per web node: 2).
-        await asyncio.sleep(0.3)
         channel = keys.channel(job_ids[-1])
-        numsub = owner_of(redis_cluster, channel).cli("PUBSUB", "SHARDNUMSUB", channel).split()
-        assert numsub == [channel, "2"]
+
+        def numsub() -> list[str]:
+            return owner_of(redis_cluster, channel).cli("PUBSUB", "SHARDNUMSUB", channel).split()
+
+        for _ in range(200):  # up to 10 s on a busy machine
+            if numsub() == [channel, "2"]:
+                break
+            await asyncio.sleep(0.05)
+        assert numsub() == [channel, "2"]
         results = await asyncio.wait_for(asyncio.gather(*viewers), 60)
     by_job = iter(results)
     for job_id in job_ids:

@@ -161,8 +161,9 @@ def test_metrics_count_what_happened(redis_url):
             name: counter(url, name)
             for name in ("tokencast_events_sent", "tokencast_resumes", "tokencast_jobs_created")
         }
-        # First token after 300 ms: three viewers connected by then see every
-        # event singly: start, 10 tokens, done.
+        # Three viewers of one job, then a resume of its last 2 events. A
+        # viewer that connects late gets the first events merged: count what
+        # each one received.
         job = httpx.post(
             f"{url}/v1/jobs",
             json={"prompt": "m", "max_tokens": 10, "seed": 3, "demo": {"tokens_per_second": 3.3}},
@@ -173,13 +174,12 @@ def test_metrics_count_what_happened(redis_url):
             results = list(pool.map(lambda _: read_stream(url, job["id"]), range(3)))
         state = wait_finished(url, job["id"])
         events = int(state["last_event_id"])
-        assert all(len(got.events) == events for got in results)
-        read_stream(url, job["id"], last_event_id=events - 2)  # a resume: 2 more events
+        assert all(got.covered_ids == list(range(1, events + 1)) for got in results)
+        resumed = read_stream(url, job["id"], last_event_id=events - 2)
+        assert resumed.covered_ids == [events - 1, events]
+        sent = sum(len(got.events) for got in results) + len(resumed.events)
         wait_until(
-            lambda: (
-                counter(url, "tokencast_events_sent") - before["tokencast_events_sent"]
-                == 3 * events + 2
-            ),
+            lambda: counter(url, "tokencast_events_sent") - before["tokencast_events_sent"] == sent,
             5,
             what="events_sent",
         )
