@@ -325,3 +325,40 @@ def test_an_unknown_model_is_404_in_openai_shape(client):
     with pytest.raises(openai.NotFoundError) as raised:
         client.responses.create(model="gpt-nothing", input="hi")
     assert raised.value.code == "model_not_found"
+
+
+KEY = "k-responses-test"
+
+
+@pytest.fixture(scope="module")
+def secured(redis_url: str) -> Iterator[str]:
+    """A node with API keys and viewer authentication on."""
+    with Cluster(redis_url, api_keys=KEY, secret="s3cret-for-responses") as cluster:
+        web = cluster.web()
+        cluster.worker()
+        yield web.url
+
+
+def test_api_keys_and_viewer_tokens_as_for_chat_completions(secured):
+    with sdk(secured) as anonymous, pytest.raises(openai.AuthenticationError):
+        anonymous.responses.create(model="demo", input="hi")
+    with sdk(secured, api_key=KEY) as creator:
+        raw = creator.responses.with_raw_response.create(
+            model="demo", input="hi", background=True, extra_body={"demo": FAST}
+        )
+        rid, token = raw.parse().id, raw.headers["x-tokencast-viewer-token"]
+        assert rid == f"resp_{raw.headers['x-tokencast-job']}"
+        assert creator.responses.retrieve(rid).id == rid  # an API key may watch too
+    with sdk(secured, api_key=token) as viewer:
+        events = list(viewer.responses.retrieve(rid, stream=True))
+        assert events[-1].type == "response.completed"
+        with pytest.raises(openai.AuthenticationError):
+            viewer.responses.cancel(rid)  # a viewer token does not allow cancelling
+    with (
+        sdk(secured, api_key="not-a-token") as stranger,
+        pytest.raises(openai.PermissionDeniedError),
+    ):
+        stranger.responses.retrieve(rid)
+    response = httpx.get(f"{secured}/v1/responses/{rid}", timeout=10)
+    assert response.status_code == 401
+    assert response.json()["error"]["type"] == "authentication_error"
