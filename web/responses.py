@@ -83,7 +83,7 @@ async def get_response(rid: str) -> Response:
     if stream not in ("true", "false"):
         raise InvalidField("stream", "stream must be true or false")
     if stream == "true":
-        return await _resume(context, job_id, _starting_after())
+        return await _resume(context, job_id, *_starting_after())
     encoder = ResponseEncoder(await load_head(context, job_id))
     await fold_log(context, encoder, job_id)
     return _json(encoder.snapshot())
@@ -129,19 +129,20 @@ def job_of(rid: str) -> str:
     return job_id
 
 
-def _starting_after() -> int | None:
-    """``Last-Event-ID`` (which wins) or ``starting_after``: a sequence number, or ``None``."""
+def _starting_after() -> tuple[int | None, str]:
+    """``Last-Event-ID`` (which wins) or ``starting_after``: a sequence number or ``None``,
+    and the name of the one given."""
     header, query = request.headers.get("Last-Event-ID"), request.args.get("starting_after")
+    name = "Last-Event-ID" if header else "starting_after"
     if not header and not query:
-        return None
+        return None, name
     try:
-        return parse_last_event_id(header, query)
+        return parse_last_event_id(header, query), name
     except InvalidLastEventId:
-        name = "Last-Event-ID" if header else "starting_after"
         raise InvalidField(name, f"{name} must be a sequence number: 1 to 19 digits") from None
 
 
-async def _resume(context: Context, job_id: str, after: int | None) -> Response:
+async def _resume(context: Context, job_id: str, after: int | None, name: str) -> Response:
     """The response's stream: every event, or exactly those numbered above ``after``."""
     head = await load_head(context, job_id)
     refusal = refuse_new_stream(context)
@@ -151,8 +152,8 @@ async def _resume(context: Context, job_id: str, after: int | None) -> Response:
     base = 0 if after is None else resume_base(after)
     if after is not None and after // STRIDE > position.last_event_id and not position.finished:
         last = position.last_event_id * STRIDE + LAST
-        message = f"starting_after {after} is past the response's last event so far ({last})"
-        raise InvalidField("starting_after", message)
+        message = f"{name} {after} is past the response's last event so far ({last})"
+        raise InvalidField(name, message)
     if position.finished and base >= position.last_event_id:
         return stream_response(_nothing())  # after the final event: an empty stream, ended
     encoder = ResponseEncoder(head, after)

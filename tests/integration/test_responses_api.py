@@ -74,6 +74,17 @@ def max_tokens_ending(finish: str) -> int:
     return next(m for m in range(8, 80) if demo_texts(QUESTION, m)[1] == finish)
 
 
+def long_background_response(client: openai.OpenAI) -> Any:
+    """A background response that runs for several seconds (cancel it when done with it)."""
+    return client.responses.create(
+        model="demo",
+        input=QUESTION,
+        max_output_tokens=500,
+        background=True,
+        extra_body={"demo": STEADY},
+    )
+
+
 def job_of(response_id: str) -> str:
     assert response_id.startswith("resp_")
     return response_id.removeprefix("resp_")
@@ -262,13 +273,7 @@ def test_a_resume_after_the_final_event_is_an_empty_stream(client, url):
 
 
 def test_cancel_answers_cancelled_and_the_stream_ends_incomplete(client, other, url):
-    response = client.responses.create(
-        model="demo",
-        input=QUESTION,
-        max_output_tokens=500,
-        background=True,
-        extra_body={"demo": STEADY},
-    )
+    response = long_background_response(client)
     wait_until(lambda: job_state(url, job_of(response.id))["tokens"] >= 2, 30, what="tokens")
     cancelled = other.responses.cancel(response.id)
     assert cancelled.status == "cancelled"
@@ -362,3 +367,22 @@ def test_api_keys_and_viewer_tokens_as_for_chat_completions(secured):
     response = httpx.get(f"{secured}/v1/responses/{rid}", timeout=10)
     assert response.status_code == 401
     assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_bad_resume_positions_are_400(client, url):
+    response = long_background_response(client)
+    stream_url = f"{url}/v1/responses/{response.id}?stream=true"
+    for query, param, message in [
+        ("stream=true&starting_after=-1", "starting_after", "starting_after must be a sequence"),
+        ("stream=true&starting_after=99999", "starting_after", "starting_after 99999 is past the"),
+        ("stream=maybe", "stream", "stream must be true or false"),
+    ]:
+        answer = httpx.get(f"{url}/v1/responses/{response.id}?{query}", timeout=10)
+        assert answer.status_code == 400, query
+        error = answer.json()["error"]
+        assert (error["param"], error["type"]) == (param, "invalid_request_error")
+        assert error["message"].startswith(message), error["message"]
+    answer = httpx.get(stream_url, headers={"Last-Event-ID": "1.5"}, timeout=10)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "Last-Event-ID"
+    client.responses.cancel(response.id)
