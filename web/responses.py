@@ -84,8 +84,9 @@ async def get_response(rid: str) -> Response:
         raise InvalidField("stream", "stream must be true or false")
     if stream == "true":
         return await _resume(context, job_id, *_starting_after())
-    encoder = ResponseEncoder(await load_head(context, job_id))
-    await fold_log(context, encoder, job_id)
+    head, finished = await load_head(context, job_id)
+    encoder = ResponseEncoder(head)
+    await fold_log(context, encoder, job_id, finished=finished)
     return _json(encoder.snapshot())
 
 
@@ -95,12 +96,12 @@ async def cancel_response(rid: str) -> Response:
     require_api_key()
     job_id = job_of(rid)
     await request.get_data()  # the SDK sends no body; whatever came is read, as everywhere
-    head = await load_head(context, job_id)
+    head, _ = await load_head(context, job_id)
     try:
         await context.store.cancel(job_id)
     except JobFinished:
         encoder = ResponseEncoder(head)
-        await fold_log(context, encoder, job_id)
+        await fold_log(context, encoder, job_id, finished=True)
         if encoder.status != CANCELLED:
             message = (
                 f"response {rid} has already finished (status {encoder.status});"
@@ -144,7 +145,7 @@ def _starting_after() -> tuple[int | None, str]:
 
 async def _resume(context: Context, job_id: str, after: int | None, name: str) -> Response:
     """The response's stream: every event, or exactly those numbered above ``after``."""
-    head = await load_head(context, job_id)
+    head, _ = await load_head(context, job_id)
     refusal = refuse_new_stream(context)
     if refusal is not None:
         return refusal
@@ -157,7 +158,7 @@ async def _resume(context: Context, job_id: str, after: int | None, name: str) -
     if position.finished and base >= position.last_event_id:
         return stream_response(_nothing())  # after the final event: an empty stream, ended
     encoder = ResponseEncoder(head, after)
-    await fold_log(context, encoder, job_id, through=base)
+    await fold_log(context, encoder, job_id, base, position.finished)
     encoding = encoder.encoding()
     return stream_response(event_stream(context, job_id, base, encoding, None, position.finished))
 
@@ -189,9 +190,22 @@ async def _wait_for_end(context: Context, encoder: ResponseEncoder, job_id: str)
 
 
 async def fold_log(
-    context: Context, encoder: ResponseEncoder, job_id: str, through: int | None = None
+    context: Context,
+    encoder: ResponseEncoder,
+    job_id: str,
+    through: int | None = None,
+    finished: bool = False,
 ) -> None:
-    """Fold the job's logged events up to id ``through`` (all of them without it)."""
+    """Fold the job's logged events up to id ``through`` (all of them without it).
+
+    A ``finished`` job's log comes from the node's cache of finished logs, so
+    a storm of resumes reads it from Redis once.
+    """
+    finished_log = await context.history.get(job_id) if finished and context.history else None
+    if finished_log is not None:
+        for event in finished_log.events[:through]:
+            encoder.apply(event)
+        return
     sent = 0
     while through is None or sent < through:
         limit = LOG_PAGE if through is None else min(LOG_PAGE, through - sent)
@@ -203,12 +217,12 @@ async def fold_log(
         sent = events[-1].id
 
 
-async def load_head(context: Context, job_id: str) -> ResponseHead:
-    """The job's response head; raises ``JobNotFound``."""
+async def load_head(context: Context, job_id: str) -> tuple[ResponseHead, bool]:
+    """The job's response head, and whether the job has finished; raises ``JobNotFound``."""
     state = await context.store.get(job_id)
     with broker_errors():
         raw: str | None = await context.redis.hget(context.keys.job(job_id), "spec")  # type: ignore[assignment]
-    return head_for(state, JobSpec.from_json(raw) if raw else None)
+    return head_for(state, JobSpec.from_json(raw) if raw else None), state.finished
 
 
 def head_for(state: JobState, spec: JobSpec | None) -> ResponseHead:
