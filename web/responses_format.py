@@ -244,7 +244,7 @@ class ResponseEncoder:
         if name == TOKEN:
             self._delta(steps, MESSAGE_ITEM, data["text"])
         elif name == REASONING:
-            self.reasoning_events += event.id - data.get("first_id", event.id) + 1
+            self.reasoning_events += event.id - self.first_id + 1  # a merged one stands for several
             self._delta(steps, REASONING_ITEM, data["text"])
         elif name == TOOL_CALL:
             self._call(steps, data)

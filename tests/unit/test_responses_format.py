@@ -321,3 +321,11 @@ def test_the_object_so_far():
     assert [item["status"] for item in so_far["output"]] == ["completed", "in_progress"]
     assert so_far["output"][1]["content"][0]["text"] == "Hi"
     assert encoder.snapshot("cancelled")["status"] == "cancelled"
+
+
+def test_reasoning_tokens_are_counted_from_the_log_when_done_does_not_say():
+    merged = Event(4, "reasoning", dumps({"text": "abc", "first_id": 2}))
+    blocks = encode([start(), merged, token(5, "x"), done(6, tokens=1)])
+    usage = blocks[-1]["response"]["usage"]
+    assert usage["output_tokens_details"] == {"reasoning_tokens": 3}
+    assert usage["output_tokens"] == usage["total_tokens"] == 4
