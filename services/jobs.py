@@ -187,6 +187,14 @@ class JobStore:
             metadata=JobSpec.from_json(raw["spec"]).metadata,
         )
 
+    async def spec(self, job_id: str) -> JobSpec:
+        """What the job asked for; raises ``JobNotFound``."""
+        with broker_errors():
+            raw: str | None = await self.redis.hget(self.keys.job(job_id), "spec")  # type: ignore[assignment]
+        if raw is None:
+            raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
+        return JobSpec.from_json(raw)
+
     async def exists(self, job_id: str) -> bool:
         with broker_errors():
             return bool(await self.redis.exists(self.keys.job(job_id)))

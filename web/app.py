@@ -12,6 +12,7 @@ from web import api, errors, health, pages, stream
 from web.context import Context
 from web.models import MAX_BODY_BYTES
 from web.openai import bp as openai_bp
+from web.responses import bp as responses_bp
 from web.schemas import install_openapi
 
 
@@ -35,6 +36,7 @@ def create_app(settings: Settings, broker: Broker) -> Quart:
     for blueprint in (api.bp, stream.bp, health.bp, pages.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(openai_bp)
+    app.register_blueprint(responses_bp)
     errors.install(app)
     install_openapi(app)
     if settings.cors_origins:

@@ -197,16 +197,19 @@ def validate(model: type[M], body: dict[str, Any]) -> M:
         raise describe(exc) from None
 
 
-def describe(exc: ValidationError) -> InvalidField:
+def describe(
+    exc: ValidationError, rules: dict[str, str] = RULES, prefix: tuple[int | str, ...] = ()
+) -> InvalidField:
+    """The first error, named by its path under ``prefix``, stated by its rule in ``rules``."""
     error = exc.errors()[0]
-    loc = error["loc"]
+    loc = prefix + tuple(error["loc"])
     dotted = field_path(loc)
     if error["type"] == "extra_forbidden":
         return InvalidField(dotted, f"unknown field {dotted!r}")
     if error["type"] == "missing":
         return InvalidField(dotted, f"{dotted} is required")
     for end in range(len(loc), 0, -1):
-        rule = RULES.get(field_path(loc[:end], indices=False))
+        rule = rules.get(field_path(loc[:end], indices=False))
         if rule is not None:
             field = field_path(loc[:end])
             return InvalidField(field, f"{field} must be {rule}")

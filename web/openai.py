@@ -12,7 +12,7 @@ this route leaves in OpenAI's error shape.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from quart import Blueprint, Response, jsonify
@@ -20,7 +20,7 @@ from quart_schema import document_request
 
 from services.events import DONE, FAILED
 from services.feed import END, Batch
-from services.jobs import JobState
+from services.jobs import JobSpec, JobState
 from services.logs import job_created
 from web.api import logged_prompt, model_or_404, read_json, spec_from, viewer_token_for
 from web.auth import require_api_key
@@ -114,23 +114,44 @@ async def chat_completions() -> Response:
     require_api_key()
     await check_create_rate()
     chat, job = parse_chat(await read_json())
-    model = model_or_404(job.model)
-    if isinstance(model, Response):
-        return model
-    spec = spec_from(job, model)
-    refusal = refuse_new_stream(context)
-    if refusal is not None:
-        return refusal  # before the job exists: a retry elsewhere must not leave a twin
-    state = await context.store.create(spec)
-    job_created(state.id, state.model, logged_prompt(spec))
-    headers = {JOB_HEADER: state.id}
-    if token := viewer_token_for(state.id):
-        headers[VIEWER_TOKEN_HEADER] = token
+    created = await create_job_for(context, job)
+    if isinstance(created, Response):
+        return created
+    state, _, headers = created
     if chat.stream:
         include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
         encoding = ChunkEncoder.for_job(state, include_usage).encoding()
         return stream_response(event_stream(context, state.id, 0, encoding, None), headers)
     return await _completion(context, state, headers)
+
+
+class NewJob(NamedTuple):
+    state: JobState
+    spec: JobSpec
+    headers: dict[str, str]  # the ones naming the job to its creator
+
+
+async def create_job_for(
+    context: Context, job: JobRequest, refuse: bool = True
+) -> NewJob | Response:
+    """Create the job an OpenAI-style request asks for, or the answer refusing it.
+
+    With ``refuse``, a node that cannot serve the job's stream refuses before
+    the job exists, so a retry elsewhere does not leave a twin.
+    """
+    model = model_or_404(job.model)
+    if isinstance(model, Response):
+        return model
+    spec = spec_from(job, model)
+    refusal = refuse_new_stream(context) if refuse else None
+    if refusal is not None:
+        return refusal
+    state = await context.store.create(spec)
+    job_created(state.id, state.model, logged_prompt(spec))
+    headers = {JOB_HEADER: state.id}
+    if token := viewer_token_for(state.id):
+        headers[VIEWER_TOKEN_HEADER] = token
+    return NewJob(state, spec, headers)
 
 
 async def _completion(context: Context, state: JobState, headers: dict[str, str]) -> Response:
