@@ -27,6 +27,8 @@ class Settings:
 
     redis_url: str | None = None
     redis_cluster: bool = False
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "mymaster"
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
@@ -60,6 +62,12 @@ class Settings:
 
     DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
+    def __post_init__(self) -> None:
+        if self.redis_cluster and self.redis_sentinels:
+            raise SettingsError(
+                "TOKENCAST_REDIS_CLUSTER and TOKENCAST_REDIS_SENTINELS cannot both be set"
+            )
+
     @property
     def broker_url(self) -> str:
         """The Redis URL that ``serve`` and ``worker`` connect to."""
@@ -82,6 +90,10 @@ class Settings:
         return cls(
             redis_url=reader.text("TOKENCAST_REDIS_URL"),
             redis_cluster=reader.flag("TOKENCAST_REDIS_CLUSTER"),
+            redis_sentinels=reader.addresses("TOKENCAST_REDIS_SENTINELS"),
+            redis_sentinel_master=(
+                reader.text("TOKENCAST_REDIS_SENTINEL_MASTER") or cls.redis_sentinel_master
+            ),
             host=reader.text("TOKENCAST_HOST") or cls.host,
             port=reader.number("TOKENCAST_PORT", int, cls.port, 1, 65535),
             api_keys=reader.csv("TOKENCAST_API_KEYS"),
@@ -180,6 +192,17 @@ class _Reader:
             limit = f"at least {low:g}" if high is None else f"from {low:g} to {high:g}"
             raise SettingsError(f"{name}={raw!r} must be {limit}")
         return value
+
+    def addresses(self, name: str) -> tuple[tuple[str, int], ...]:
+        """``a:26379, [::1]:26380`` → ``(("a", 26379), ("::1", 26380))``."""
+        pairs = []
+        for item in self.csv(name):
+            host, _, port = item.rpartition(":")
+            host = host.strip().removeprefix("[").removesuffix("]")
+            if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+                raise SettingsError(f"{name}: {item!r} must be host:port, port from 1 to 65535")
+            pairs.append((host, int(port)))
+        return tuple(pairs)
 
     def model_map(self, name: str) -> tuple[tuple[str, str], ...]:
         """``a,b=upstream-b`` → ``(("a", "a"), ("b", "upstream-b"))``."""
