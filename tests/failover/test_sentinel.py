@@ -44,15 +44,6 @@ READY_WITHIN_S = 5.0
 
 
 @pytest.fixture
-def sentinels():
-    group = SentinelGroup().start()
-    try:
-        yield group
-    finally:
-        group.close()
-
-
-@pytest.fixture
 def nodes(sentinels):
     settings = {"redis_sentinels": sentinels.addresses, "keepalive_seconds": "1"}
     with Cluster(UNREACHABLE_URL, **settings) as cluster:

@@ -8,7 +8,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from services.errors import BrokerUnavailable
 from services.redisconn import broker_errors
 from services.sentinel import SentinelMaster
-from tests.failover.support import MASTER_NAME, SentinelGroup, sentinel_available
+from tests.failover.support import MASTER_NAME, sentinel_available
 
 pytestmark = [
     pytest.mark.failover,
@@ -16,15 +16,6 @@ pytestmark = [
 ]
 
 WRITE_SCRIPT = "return redis.call('SET', KEYS[1], ARGV[1])"
-
-
-@pytest.fixture
-def sentinels():
-    group = SentinelGroup().start()
-    try:
-        yield group
-    finally:
-        group.close()
 
 
 @pytest.mark.parametrize("write", ["command", "script"])
