@@ -162,8 +162,14 @@ async def _worker(settings: Settings) -> None:
 
 def _redis_broker(settings: Settings) -> RedisBroker:
     from services.redisconn import RedisBroker
+    from services.sentinel import SentinelMaster
 
-    return RedisBroker(settings.broker_url, cluster=settings.redis_cluster)
+    sentinel = None
+    if settings.redis_sentinels:
+        sentinel = SentinelMaster(
+            settings.redis_sentinels, settings.redis_sentinel_master, settings.broker_url
+        )
+    return RedisBroker(settings.broker_url, cluster=settings.redis_cluster, sentinel=sentinel)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,17 @@ class Settings:
         False,
         doc="`1`: `TOKENCAST_REDIS_URL` names a Redis Cluster node (sharded pub/sub)",
     )
+    redis_sentinels: tuple[tuple[str, int], ...] = setting(
+        "TOKENCAST_REDIS_SENTINELS",
+        (),
+        doc="the Sentinels of a Redis behind Sentinel; then only the password and database "
+        "of `TOKENCAST_REDIS_URL` count, its host is ignored",
+    )
+    redis_sentinel_master: str = setting(
+        "TOKENCAST_REDIS_SENTINEL_MASTER",
+        "mymaster",
+        doc="the name the Sentinels know the master by",
+    )
     host: str = setting(
         "TOKENCAST_HOST", "127.0.0.1", doc="where `dev` and `serve` listen (`--host` overrides)"
     )
@@ -255,6 +266,10 @@ class Settings:
 
     def check_together(self) -> None:
         """Raise ``SettingsError`` for settings that make no sense side by side."""
+        if self.redis_cluster and self.redis_sentinels:
+            raise SettingsError(
+                "TOKENCAST_REDIS_CLUSTER and TOKENCAST_REDIS_SENTINELS cannot both be set"
+            )
         base_url = "TOKENCAST_UPSTREAM_BASE_URL"
         if not self.upstream_base_url:
             for name, value in (
@@ -312,6 +327,7 @@ def _values(spec: Spec, kind: Any) -> str:
         bool: "`1` or `0`",
         tuple[str, ...]: "comma-separated",
         tuple[tuple[str, str], ...]: "comma-separated, each `name` or `name=upstream-name`",
+        tuple[tuple[str, int], ...]: "comma-separated `host:port`",
     }.get(kind, "text")
 
 
@@ -362,6 +378,18 @@ def _model_map(spec: Spec, raw: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def _addresses(spec: Spec, raw: str) -> tuple[tuple[str, int], ...]:
+    """``a:26379, [::1]:26380`` → ``(("a", 26379), ("::1", 26380))``."""
+    pairs = []
+    for item in _csv(spec, raw):
+        host, _, port = item.rpartition(":")
+        host = host.strip().removeprefix("[").removesuffix("]")
+        if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+            raise SettingsError(f"{spec.env}: {item!r} must be host:port, port from 1 to 65535")
+        pairs.append((host, int(port)))
+    return tuple(pairs)
+
+
 # A setting's type → how its variable is read.
 PARSERS: dict[Any, Callable[[Spec, str], Any]] = {
     str: _text,
@@ -371,4 +399,5 @@ PARSERS: dict[Any, Callable[[Spec, str], Any]] = {
     float: _number(float),
     tuple[str, ...]: _csv,
     tuple[tuple[str, str], ...]: _model_map,
+    tuple[tuple[str, int], ...]: _addresses,
 }

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
@@ -16,6 +16,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from services.errors import BrokerUnavailable
+
+if TYPE_CHECKING:
+    from services.sentinel import SentinelMaster
 
 # Connection-level failures: the broker is down, restarting or unreachable.
 BROKER_IO_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -33,15 +36,10 @@ POOL_WAIT_S = 5.0
 SOCKET_TIMEOUT_S = 10.0
 
 
-def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
-    """A pooled client for ``url`` (at most ``POOL_SIZE`` connections).
-
-    Commands are retried twice on a dropped connection, so a pool holding
-    connections to a Redis that restarted reconnects instead of failing the
-    request that found the stale connection.
-    """
-    pool = aredis.BlockingConnectionPool.from_url(
-        url,
+def pool_options(decode: bool) -> dict[str, Any]:
+    """How a pooled client talks to Redis (limits, timeouts, retries): the
+    same for ``connect()`` and for clients through Sentinel."""
+    return dict(
         max_connections=POOL_SIZE,
         timeout=POOL_WAIT_S,
         decode_responses=decode,
@@ -50,8 +48,17 @@ def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        **options,
     )
+
+
+def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
+    """A pooled client for ``url`` (at most ``POOL_SIZE`` connections).
+
+    Commands are retried twice on a dropped connection, so a pool holding
+    connections to a Redis that restarted reconnects instead of failing the
+    request that found the stale connection.
+    """
+    pool = aredis.BlockingConnectionPool.from_url(url, **pool_options(decode), **options)
     return aredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
@@ -59,7 +66,8 @@ MAIN_SHARD = "main"
 
 
 class RedisBroker:
-    """Hands out clients of one Redis server, or of a Redis Cluster.
+    """Hands out clients of one Redis server, of the master that Sentinel
+    names (``sentinel``), or of a Redis Cluster.
 
     On a cluster, a job's channel lives on the shard of its hash tag: the hub
     opens one pub/sub connection per shard (``shard_for``/``pubsub_client``)
@@ -69,11 +77,14 @@ class RedisBroker:
     # A blocking XREADGROUP wakes up as soon as a job is queued.
     blocking_reads = True
 
-    def __init__(self, url: str, *, cluster: bool = False):
+    def __init__(self, url: str, *, cluster: bool = False, sentinel: SentinelMaster | None = None):
         self.url = url
         self.cluster = cluster
+        self.sentinel = sentinel
 
     def client(self, *, decode: bool = True) -> Redis:
+        if self.sentinel is not None:
+            return self.sentinel.client(decode=decode)
         if self.cluster:
             # Same command API as a single-server client, for everything we use.
             cluster_client: Redis = RedisCluster.from_url(  # type: ignore[assignment]
@@ -100,6 +111,8 @@ class RedisBroker:
         handler that formats it for a debug log whether or not that log is
         on, about a third of the reader's CPU per message.
         """
+        if self.sentinel is not None:
+            return self.sentinel.client(decode=False, protocol=2)
         url = self.url if shard == MAIN_SHARD else f"redis://{shard}"
         return connect(url, decode=False, protocol=2)
 

@@ -169,9 +169,11 @@ def wait_finished(base_url: str, job_id: str, timeout: float = 30) -> dict:
 
 @dataclass
 class Watched(Received):
-    """What a viewer that reconnects by itself (as a browser does) got."""
+    """What a viewer that reconnects by itself (as a browser does) got, and
+    every answer other than 200 or 204 it met on the way (body read)."""
 
     connections: int = 0
+    refused: list[httpx.Response] = field(default_factory=list)
 
 
 async def watch_resiliently(
@@ -196,6 +198,9 @@ async def watch_resiliently(
                 watched.status = source.response.status_code
                 if watched.status == 204:
                     return watched
+                if watched.status != 200:
+                    await source.response.aread()
+                    watched.refused.append(source.response)
                 if watched.status == 200:
                     async for sse in source.aiter_sse():
                         if dispatched(sse):

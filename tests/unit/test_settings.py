@@ -184,3 +184,29 @@ def write_readme_table() -> None:
 
 if __name__ == "__main__":
     write_readme_table()
+
+
+def test_sentinels_are_read():
+    s = Settings.from_env(
+        {"TOKENCAST_REDIS_SENTINELS": "10.0.0.1:26379, sentinel-b:26380,[::1]:26381"}
+    )
+    assert s.redis_sentinels == (("10.0.0.1", 26379), ("sentinel-b", 26380), ("::1", 26381))
+    assert s.redis_sentinel_master == "mymaster"
+    assert Settings.from_env({}).redis_sentinels == ()
+    named = Settings.from_env({"TOKENCAST_REDIS_SENTINEL_MASTER": "tokencast"})
+    assert named.redis_sentinel_master == "tokencast"
+
+
+@pytest.mark.parametrize("value", ["sentinel-a", "sentinel-a:", ":26379", "a:0", "a:70000", "a:2x"])
+def test_bad_sentinel_address_fails_naming_the_variable(value):
+    with pytest.raises(SettingsError) as info:
+        Settings.from_env({"TOKENCAST_REDIS_SENTINELS": f"b:26379,{value}"})
+    assert str(info.value) == (
+        f"TOKENCAST_REDIS_SENTINELS: {value!r} must be host:port, port from 1 to 65535"
+    )
+
+
+def test_sentinels_and_cluster_exclude_each_other():
+    env = {"TOKENCAST_REDIS_SENTINELS": "a:26379", "TOKENCAST_REDIS_CLUSTER": "1"}
+    with pytest.raises(SettingsError, match="cannot both be set"):
+        Settings.from_env(env)
