@@ -64,6 +64,10 @@ class Keys:
         """Sorted set of running job ids (score: lease expiry, ms); an index for the reaper."""
         return f"{self.prefix}:{{queue}}:leases"
 
+    def ready_probe(self) -> str:
+        """String: written by ``/readyz``, on the shard that creating a job needs."""
+        return f"{self.prefix}:{{queue}}:ready"
+
     # Limits.
     def rate(self, subject: str, window: int) -> str:
         """Counter of jobs created by ``subject`` (a hashed API key or an address)

@@ -203,8 +203,10 @@ class JobQueue:
                 reply: Any = await self.redis.xautoclaim(
                     self.keys.queue(), QUEUE_GROUP, consumer, min_idle_ms, count=count
                 )
-            except ResponseError:
-                return []
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise  # READONLY and the like are broker_errors' to translate
+                return []  # the broker lost its data; claim() recreates the group
         return [Claim(entry_id, fields["job"]) for entry_id, fields in reply[1] if fields]
 
     async def start(

@@ -1,0 +1,132 @@
+"""A Redis that restarts or crashes under a web node and a worker (API.md, "Broker outage").
+
+Real processes on a Redis of the test's own: once ``/readyz`` says 200 after
+a restart, a burst of requests all succeed on their first try; a short outage
+fails no running job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from tests.support import (
+    Cluster,
+    RedisServer,
+    create_job,
+    http_status,
+    job_state,
+    wait_finished,
+    wait_until,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+BURST = 12
+
+
+def restart_with_data(server: RedisServer) -> None:
+    server.shutdown_save()
+    server.start()
+
+
+def crash_without_data(server: RedisServer) -> None:
+    server.kill()
+    server.forget()
+    server.start()
+
+
+def wait_ready(url: str, timeout: float = 15) -> None:
+    """Return the moment ``/readyz`` answers 200 (polled every 10 ms)."""
+    wait_until(lambda: http_status(f"{url}/readyz") == 200, timeout, 0.01, what="/readyz 200")
+
+
+async def burst(url: str, job_ids: list[str]) -> tuple[list[httpx.Response], list[httpx.Response]]:
+    """``BURST`` creations and a lookup of each of ``job_ids``, all at once."""
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        posts = [
+            client.post("/v1/jobs", json={"prompt": "after the restart"}) for _ in range(BURST)
+        ]
+        gets = [client.get(f"/v1/jobs/{job_id}") for job_id in job_ids]
+        replies = await asyncio.gather(*posts, *gets)
+    return list(replies[:BURST]), list(replies[BURST:])
+
+
+def describe(responses: list[httpx.Response]) -> list[str]:
+    return [f"{r.status_code} {r.text[:120]}" for r in responses]
+
+
+@pytest.fixture
+def node(own_redis):
+    """A web node and a worker on a Redis this test restarts."""
+    with Cluster(own_redis.url) as cluster:
+        cluster.web()
+        cluster.worker()
+        yield cluster
+
+
+def prepare(node: Cluster) -> tuple[str, list[str]]:
+    """Warm the node's pool with a burst of its own, then leave jobs to look up."""
+    web = node.procs[0]
+    job_ids = [create_job(web.url, max_tokens=5) for _ in range(BURST)]
+    asyncio.run(burst(web.url, job_ids))
+    for job_id in job_ids:
+        wait_finished(web.url, job_id)
+    return web.url, job_ids
+
+
+def test_a_burst_right_after_a_restart_with_data_succeeds(node, own_redis):
+    url, job_ids = prepare(node)
+    restart_with_data(own_redis)
+    wait_ready(url)
+    posts, gets = asyncio.run(burst(url, job_ids))
+    assert [r.status_code for r in posts] == [201] * BURST, describe(posts)
+    assert [r.status_code for r in gets] == [200] * BURST, describe(gets)
+    for response in posts:  # and the jobs created run to the end
+        assert wait_finished(url, response.json()["id"])["status"] == "completed"
+
+
+def test_a_burst_right_after_a_crash_without_data_fails_only_for_lost_jobs(node, own_redis):
+    url, job_ids = prepare(node)
+    crash_without_data(own_redis)
+    wait_ready(url)
+    posts, gets = asyncio.run(burst(url, job_ids))
+    assert [r.status_code for r in posts] == [201] * BURST, describe(posts)
+    assert [r.status_code for r in gets] == [404] * BURST, describe(gets)
+    assert {r.json()["error"]["code"] for r in gets} == {"job_not_found"}
+    for response in posts:
+        assert wait_finished(url, response.json()["id"])["status"] == "completed"
+
+
+def test_readyz_is_503_while_the_broker_is_down(node, own_redis):
+    url = node.procs[0].url
+    own_redis.kill()
+    started = time.monotonic()
+    wait_until(lambda: http_status(f"{url}/readyz") == 503, 5, what="/readyz 503")
+    assert time.monotonic() - started < 5
+    response = httpx.post(f"{url}/v1/jobs", json={"prompt": "nobody home"}, timeout=10)
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "2"
+    assert response.json()["error"]["code"] == "broker_unavailable"
+    own_redis.start()
+    wait_ready(url)
+    assert job_state(url, create_job(url, max_tokens=3))["status"] in ("queued", "running")
+
+
+def test_a_demoted_master_answers_503_until_it_is_master_again(node, own_redis):
+    """READONLY (a failover demoted the server) is unavailability, never a 500."""
+    url = node.procs[0].url
+    with RedisServer().start() as master:
+        own_redis.cli("REPLICAOF", "127.0.0.1", str(master.port))
+        wait_until(lambda: http_status(f"{url}/readyz") == 503, 5, what="/readyz 503")
+        response = httpx.post(f"{url}/v1/jobs", json={"prompt": "read only"}, timeout=10)
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "2"
+        assert response.json()["error"]["code"] == "broker_unavailable"
+        own_redis.cli("REPLICAOF", "NO", "ONE")
+    wait_ready(url)
+    assert wait_finished(url, create_job(url, max_tokens=3))["status"] == "completed"
+    assert "internal_error" not in node.procs[0].log()
