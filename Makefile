@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev check lint test test-cluster test-browser cluster bench clean
+.PHONY: dev check lint test test-cluster test-failover test-browser cluster bench clean
 
 # Install into .venv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -34,6 +34,10 @@ test-browser: $(STAMP)
 # Many real processes behind nginx (needs nginx and redis-server).
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster
+
+# Long broker outages under running jobs (starts its own Redis; about 2 minutes).
+test-failover: $(STAMP)
+	$(BIN)/python -m pytest -m failover
 
 # The fan-out benchmark (starts its own Redis and processes; about 5 minutes).
 # A quick look: make bench BENCH_ARGS="--scenarios S1,S4 --repeat 1"
