@@ -8,6 +8,7 @@ fails no running job.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -126,3 +127,31 @@ def test_a_demoted_master_answers_503_until_it_is_master_again(node, own_redis):
     wait_ready(url)
     assert wait_finished(url, create_job(url, max_tokens=3))["status"] == "completed"
     assert "internal_error" not in node.procs[0].log()
+
+
+# A server that takes about 5 s to load 2500 keys, answering LOADING (slowly) meanwhile.
+SLOW_LOADING = ("--key-load-delay", "2000", "--loading-process-events-interval-bytes", "1024")
+
+
+def test_a_server_loading_its_data_answers_503_until_loaded():
+    """LOADING is unavailability, never a 500: readiness and creations wait for it."""
+    with RedisServer(extra_args=SLOW_LOADING).start() as server, Cluster(server.url) as node:
+        url = node.web().url
+        node.worker()
+        server.cli("EVAL", "for i = 1, 2500 do redis.call('SET', 'filler' .. i, i) end", "0")
+        server.shutdown_save()
+        starting = threading.Thread(target=server.start)  # returns once loaded
+        starting.start()
+        try:
+            wait_until(lambda: server.cli("PING").startswith("LOADING"), 10, what="LOADING")
+            assert http_status(f"{url}/readyz") == 503
+            response = httpx.post(f"{url}/v1/jobs", json={"prompt": "loading"}, timeout=10)
+            assert server.cli("PING").startswith("LOADING"), "loaded too soon to tell"
+        finally:
+            starting.join()
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "2"
+        assert response.json()["error"]["code"] == "broker_unavailable"
+        wait_ready(url)
+        assert wait_finished(url, create_job(url, max_tokens=3))["status"] == "completed"
+        assert "internal_error" not in node.procs[0].log()
