@@ -247,8 +247,9 @@ class Worker:
                     else:
                         owned, cancel = await self.queue.cancel_requested(job_id, owner)
                 except BrokerUnavailable:
-                    # Keep generating; next_renew stays due, so the lease is
-                    # renewed on the first poll that reaches the broker again.
+                    # Keep generating, and renew on the first poll that
+                    # reaches the broker again.
+                    next_renew = time.monotonic()
                     continue
                 raise_lost_cancel()
                 if not owned:
