@@ -1,8 +1,10 @@
 """A Redis that restarts or crashes under a web node and a worker (API.md, "Broker outage").
 
 Real processes on a Redis of the test's own: once ``/readyz`` says 200 after
-a restart, a burst of requests all succeed on their first try; a short outage
-fails no running job.
+a restart, a burst of requests all succeed on their first try; while the
+broker is down, loading its data or demoted to a replica, requests get 503
+with Retry-After, never a 500. Running jobs across an outage:
+``test_outage_jobs.py``.
 """
 
 from __future__ import annotations
