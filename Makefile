@@ -35,7 +35,8 @@ test-browser: $(STAMP)
 test-cluster: $(STAMP)
 	$(BIN)/python -m pytest -m cluster
 
-# Redis failing over under Sentinel (needs redis-sentinel: .ci/run installs it).
+# Redis failing over under Sentinel, and long broker outages under running jobs
+# (starts its own Redis and Sentinels; needs redis-sentinel: .ci/run installs it).
 test-failover: $(STAMP)
 	$(BIN)/python -m pytest -m failover
 

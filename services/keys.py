@@ -61,6 +61,18 @@ class Keys:
         """Sorted set of running job ids (score: lease expiry, ms); an index for the reaper."""
         return f"{self.prefix}:{{queue}}:leases"
 
+    def reaper_heartbeat(self) -> str:
+        """String: when a reaper last reached the broker (ms, the Redis clock)."""
+        return f"{self.prefix}:{{queue}}:reaper-heartbeat"
+
+    def broker_back(self) -> str:
+        """String: when the broker was last found back from an outage (ms, the Redis clock)."""
+        return f"{self.prefix}:{{queue}}:broker-back"
+
+    def ready_probe(self) -> str:
+        """String: written by ``/readyz``, on the shard that creating a job needs."""
+        return f"{self.prefix}:{{queue}}:ready"
+
     # Limits.
     def rate(self, subject: str, window: int) -> str:
         """Counter of jobs created by ``subject`` (a hashed API key or an address)

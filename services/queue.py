@@ -9,6 +9,20 @@ time in the job's hash, renewed while it works. The ``leases`` sorted set
 indexes those expiries so a reaper finds expired ones without scanning; the
 hash is the truth, checked atomically when a reaper takes a job over.
 Times come from the Redis server's clock, so workers' clocks may disagree.
+
+Leases across a broker outage: that clock runs on while nobody can reach
+the server (and across its restart), so a lease could run out without its
+worker having had a chance to renew. Every reaper pass therefore starts with
+a heartbeat (``heartbeat``): a heartbeat older than ``BROKER_GAP_S`` (or
+none: a server that lost its data, a promoted replica behind) means no reaper
+reached the broker meanwhile, and the time it was found back is recorded.
+A takeover treats every lease as renewed at that moment: a live worker,
+which renews as soon as it reaches the broker, keeps its job; a dead one's
+job is taken over one lease TTL after the broker's return. A gap shorter
+than ``BROKER_GAP_S`` needs no such care as long as it is shorter than a
+lease TTL minus a renewal period (0.5 of TOKENCAST_LEASE_SECONDS: 5 s at
+the default). The job's keys and the queue's are on different Redis Cluster
+slots, so the time goes to the takeover script as an argument.
 """
 
 from __future__ import annotations
@@ -28,6 +42,10 @@ from services.redisconn import Redis, broker_errors
 # job is noticed well within TOKENCAST_LEASE_SECONDS.
 LEASE_TTL_FRACTION = 0.7
 RENEW_FRACTION = 0.2
+# No reaper heartbeat for this long: the broker was unreachable (or is new).
+BROKER_GAP_S = 2.0
+# The heartbeat keys outlive any gap that matters.
+HEARTBEAT_KEEP_MS = 3_600_000
 
 LUA_NOW_MS = """
 local t = redis.call('TIME')
@@ -79,7 +97,7 @@ return {expiry, redis.call('HGET', KEYS[1], 'cancel') or ''}
 """
 )
 
-# KEYS: job.  ARGV: new owner, lease ms.
+# KEYS: job.  ARGV: new owner, lease ms, when the broker was back (ms; 0: never away).
 # Returns {'taken', tokens, attempts, cancel flag, queue entry, last event id},
 # {'alive', expiry} or {'done'}.
 TAKEOVER_SCRIPT = (
@@ -90,7 +108,8 @@ if redis.call('HGET', KEYS[1], 'status') ~= RUNNING
    or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
   return {'done'}
 end
-local expiry = tonumber(redis.call('HGET', KEYS[1], 'lease_expires') or '0')
+local expiry = math.max(tonumber(redis.call('HGET', KEYS[1], 'lease_expires') or '0'),
+                        tonumber(ARGV[3]) + tonumber(ARGV[2]))
 if expiry > now then return {'alive', expiry} end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_expires', now + tonumber(ARGV[2]))
 return {'taken', tonumber(redis.call('HGET', KEYS[1], 'tokens')),
@@ -98,6 +117,21 @@ return {'taken', tonumber(redis.call('HGET', KEYS[1], 'tokens')),
         redis.call('HGET', KEYS[1], 'cancel') or '',
         redis.call('HGET', KEYS[1], 'queue_entry') or '',
         tonumber(redis.call('HGET', KEYS[1], 'last_event_id'))}
+"""
+)
+
+# KEYS: reaper heartbeat, broker back.  ARGV: gap ms, keep ms.
+# Returns when the broker was last back from an outage (ms; 0 if never).
+HEARTBEAT_SCRIPT = (
+    LUA_NOW_MS
+    + """
+local last = tonumber(redis.call('GET', KEYS[1]) or '0')
+redis.call('SET', KEYS[1], now, 'PX', ARGV[2])
+if now - last > tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
+  return now
+end
+return tonumber(redis.call('GET', KEYS[2]) or '0')
 """
 )
 
@@ -217,6 +251,7 @@ class JobQueue:
         self._start = redis.register_script(START_SCRIPT)
         self._renew = redis.register_script(RENEW_SCRIPT)
         self._takeover = redis.register_script(TAKEOVER_SCRIPT)
+        self._heartbeat = redis.register_script(HEARTBEAT_SCRIPT)
         self._requeue = redis.register_script(REQUEUE_SCRIPT)
 
     async def ensure_group(self) -> None:
@@ -271,8 +306,10 @@ class JobQueue:
                 reply: Any = await self.redis.xautoclaim(
                     self.keys.queue(), QUEUE_GROUP, consumer, min_idle_ms, count=count
                 )
-            except ResponseError:
-                return []
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise  # READONLY and the like are broker_errors' to translate
+                return []  # the broker lost its data; claim() recreates the group
         return [Claim(entry_id, fields["job"]) for entry_id, fields in reply[1] if fields]
 
     async def start(
@@ -333,11 +370,26 @@ class JobQueue:
             )
         return ids
 
-    async def takeover(self, job_id: str, owner: str, lease_s: float) -> TakenOver | None:
-        """Own an expired job; ``None`` when it is alive after all, or has ended."""
+    async def heartbeat(self) -> int:
+        """Record that a reaper reached the broker; returns when the broker was
+        last back from an outage (ms, the Redis clock; 0 if never), for ``takeover``."""
+        with broker_errors():
+            back_ms = await self._heartbeat(
+                keys=[self.keys.reaper_heartbeat(), self.keys.broker_back()],
+                args=[int(BROKER_GAP_S * 1000), HEARTBEAT_KEEP_MS],
+            )
+        return int(back_ms)
+
+    async def takeover(
+        self, job_id: str, owner: str, lease_s: float, broker_back_ms: int = 0
+    ) -> TakenOver | None:
+        """Own an expired job; ``None`` when it is alive after all, or has ended.
+
+        A lease counts as renewed at ``broker_back_ms`` (see ``heartbeat``)."""
         with broker_errors():
             reply = await self._takeover(
-                keys=[self.keys.job(job_id)], args=[owner, lease_ttl_ms(lease_s)]
+                keys=[self.keys.job(job_id)],
+                args=[owner, lease_ttl_ms(lease_s), broker_back_ms],
             )
             found = _decode_takeover(reply)
             if isinstance(found, _Lease):

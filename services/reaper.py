@@ -3,6 +3,12 @@
 Web nodes and workers both run one, so a job ends even when every worker is
 gone. Taking a job over is atomic (``JobQueue.takeover``), so many reapers
 never act on one job twice.
+
+A broker outage ends no lease by itself: each pass starts with the reapers'
+shared heartbeat (``JobQueue.heartbeat``), which tells when the broker was
+last back from an outage, and every lease counts as renewed at that moment.
+A worker that died during the outage is noticed one lease TTL (0.7 of
+TOKENCAST_LEASE_SECONDS) after the broker returns.
 """
 
 from __future__ import annotations
@@ -55,13 +61,14 @@ class Reaper:
     async def reap_once(self) -> int:
         """Handle every job whose lease has expired; returns how many were taken over."""
         handled = 0
+        broker_back_ms = await self.queue.heartbeat()
         for job_id in await self.queue.expired():
             with job_scope(job_id):
-                handled += await self._reap(job_id)
+                handled += await self._reap(job_id, broker_back_ms)
         return handled
 
-    async def _reap(self, job_id: str) -> int:
-        taken = await self.queue.takeover(job_id, self.owner, self.lease_s)
+    async def _reap(self, job_id: str, broker_back_ms: int) -> int:
+        taken = await self.queue.takeover(job_id, self.owner, self.lease_s, broker_back_ms)
         if taken is None:
             return 0
         if not taken.cancel_requested and taken.tokens == 0 and taken.attempts < MAX_ATTEMPTS:

@@ -1,4 +1,18 @@
-"""Redis clients, and the one place redis-py's I/O errors become ours."""
+"""Redis clients, and the one place redis-py's I/O errors become ours.
+
+What counts as "the broker is unavailable" (``BROKER_IO_ERRORS``): a dropped
+or refused connection, a timeout, a server still loading its data
+(``LOADING``, redis-py's ``BusyLoadingError``) and a server that is no longer
+the master (``READONLY`` after a failover, ``MASTERDOWN`` from a replica that
+lost it). All of them mean "retry shortly": the web tier answers ``503`` with
+``Retry-After``, writers wait them out. Any other ``ResponseError`` is a bug
+and stays one.
+
+A command that meets a connection a restart broke is sent again once on a
+fresh connection (redis-py's retry, which disconnects and reconnects), so a
+pool full of connections to the old server costs each request at most one
+reconnect, never a failure.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +24,34 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
 from redis.asyncio.cluster import RedisCluster
-from redis.backoff import ExponentialBackoff
+from redis.asyncio.retry import Retry  # the asyncio one: redis.retry.Retry never retries here
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MasterDownError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from services.errors import BrokerUnavailable
 
 if TYPE_CHECKING:
     from services.sentinel import SentinelMaster
 
-# Connection-level failures: the broker is down, restarting or unreachable.
-BROKER_IO_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# The broker is down, restarting, loading (BusyLoadingError is a
+# ConnectionError), failing over or unreachable.
+BROKER_IO_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ReadOnlyError,
+    MasterDownError,
+    OSError,
+)
+
+# Error replies of the same kind that redis-py has no class for: a blocked
+# XREADGROUP is cut with this when its server is demoted to a replica.
+UNAVAILABLE_REPLIES = ("UNBLOCKED",)
+
+# Sent again on a fresh connection. Not a timeout: the command may have run,
+# and waiting SOCKET_TIMEOUT_S twice helps nobody.
+RETRIED_ERRORS = (RedisConnectionError, ReadOnlyError, MasterDownError)
 
 Redis = aredis.Redis
 
@@ -36,9 +66,20 @@ POOL_WAIT_S = 5.0
 SOCKET_TIMEOUT_S = 10.0
 
 
-def pool_options(decode: bool) -> dict[str, Any]:
+def retry_once() -> Retry:
+    """Send a command again once, on a fresh connection, after ``RETRIED_ERRORS``."""
+    return Retry(ExponentialBackoff(cap=0.5, base=0.01), retries=1, supported_errors=RETRIED_ERRORS)
+
+
+def pool_options(decode: bool, retry: bool = True) -> dict[str, Any]:
     """How a pooled client talks to Redis (limits, timeouts, retries): the
-    same for ``connect()`` and for clients through Sentinel."""
+    same for ``connect()`` and for clients through Sentinel.
+
+    With ``retry``, a command that fails with one of ``RETRIED_ERRORS`` is
+    sent once more on a fresh connection: a pool holding connections to a
+    Redis that restarted reconnects instead of failing the request that found
+    the stale connection. Without it, the first error is raised.
+    """
     return dict(
         max_connections=POOL_SIZE,
         timeout=POOL_WAIT_S,
@@ -46,19 +87,14 @@ def pool_options(decode: bool) -> dict[str, Any]:
         socket_connect_timeout=2,
         socket_timeout=SOCKET_TIMEOUT_S,
         health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry=retry_once() if retry else Retry(NoBackoff(), retries=0),
     )
 
 
-def connect(url: str, *, decode: bool = True, **options: Any) -> Redis:
-    """A pooled client for ``url`` (at most ``POOL_SIZE`` connections).
-
-    Commands are retried twice on a dropped connection, so a pool holding
-    connections to a Redis that restarted reconnects instead of failing the
-    request that found the stale connection.
-    """
-    pool = aredis.BlockingConnectionPool.from_url(url, **pool_options(decode), **options)
+def connect(url: str, *, decode: bool = True, retry: bool = True, **options: Any) -> Redis:
+    """A pooled client for ``url`` (at most ``POOL_SIZE`` connections), as
+    ``pool_options`` describes."""
+    pool = aredis.BlockingConnectionPool.from_url(url, **pool_options(decode, retry), **options)
     return aredis.Redis.from_pool(pool)  # owns the pool: aclose() closes its connections
 
 
@@ -92,7 +128,7 @@ class RedisBroker:
                 decode_responses=decode,
                 socket_connect_timeout=2,
                 socket_timeout=SOCKET_TIMEOUT_S,
-                retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+                retry=retry_once(),
             )
             return cluster_client
         return connect(self.url, decode=decode)
@@ -110,11 +146,13 @@ class RedisBroker:
         RESP2: under RESP3 redis-py hands every published message to a push
         handler that formats it for a debug log whether or not that log is
         on, about a third of the reader's CPU per message.
+        No retry: redis-py would reconnect and resubscribe silently, and the
+        hub, never told, would not recover what was published meanwhile.
         """
         if self.sentinel is not None:
-            return self.sentinel.client(decode=False, protocol=2)
+            return self.sentinel.client(decode=False, retry=False, protocol=2)
         url = self.url if shard == MAIN_SHARD else f"redis://{shard}"
-        return connect(url, decode=False, protocol=2)
+        return connect(url, decode=False, retry=False, protocol=2)
 
 
 class EmbeddedBroker:
@@ -149,13 +187,44 @@ def is_cluster(client: Redis) -> bool:
     return isinstance(client, RedisCluster)
 
 
+# KEYS: a key.  ARGV: a value.  A write through a script, as serving requests needs.
+READY_PROBE_SCRIPT = "redis.call('SET', KEYS[1], ARGV[1], 'PX', 60000) return 1"
+
+
+class ReadyProbe:
+    """Proves that ``client`` can serve requests now: a pooled connection that
+    works, a server that has loaded its data, accepts writes (a master, not a
+    demoted one) and runs scripts (loaded again if the server forgot them).
+    A PING proves only the first of these."""
+
+    def __init__(self, client: Redis, key: str, writer: str):
+        self._script = client.register_script(READY_PROBE_SCRIPT)
+        self._key = key
+        self._writer = writer
+
+    async def check(self) -> None:
+        """Returns when the broker can serve; raises ``BrokerUnavailable``."""
+        with broker_errors():
+            await self._script(keys=[self._key], args=[self._writer])
+
+
+def is_broker_unavailability(exc: BaseException) -> bool:
+    """A redis-py error that means the broker is unavailable (not a plain
+    ``OSError`` of something else), for a path that did not translate it."""
+    return isinstance(exc, RedisError) and isinstance(exc, BROKER_IO_ERRORS)
+
+
 @contextmanager
 def broker_errors() -> Iterator[None]:
-    """Turn redis-py's connection errors into ``BrokerUnavailable``."""
+    """Turn ``BROKER_IO_ERRORS`` and ``UNAVAILABLE_REPLIES`` into ``BrokerUnavailable``."""
     try:
         yield
     except BROKER_IO_ERRORS as exc:
         raise BrokerUnavailable(f"the broker is unreachable: {exc}") from exc
+    except ResponseError as exc:
+        if str(exc).startswith(UNAVAILABLE_REPLIES):
+            raise BrokerUnavailable(f"the broker is failing over: {exc}") from exc
+        raise
 
 
 def raise_lost_cancel() -> None:

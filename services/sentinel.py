@@ -61,13 +61,13 @@ class SentinelMaster:
         options["ssl"] = options.pop("connection_class", None) is SSLConnection
         self.url_options = options
 
-    def client(self, *, decode: bool = True, **options: Any) -> Redis:
+    def client(self, *, decode: bool = True, retry: bool = True, **options: Any) -> Redis:
         """A pooled client with ``connect()``'s limits, timeouts and retries:
         each new connection goes to the server the sentinels name then."""
         return self.sentinel.master_for(
             self.master,
             connection_pool_class=BlockingSentinelConnectionPool,
-            **pool_options(decode),
+            **pool_options(decode, retry),
             **self.url_options,
             **options,
         )

@@ -14,9 +14,9 @@ import httpx
 import httpx_sse
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
-from deploy.local.cluster import ROOT, Process, RedisServer, free_port, wait_until
+from deploy.local.cluster import ROOT, Process, RedisServer, free_port, http_status, wait_until
 
-__all__ = ["ROOT", "Process", "RedisServer", "free_port", "wait_until"]
+__all__ = ["ROOT", "Process", "RedisServer", "free_port", "http_status", "wait_until"]
 
 ARTIFACTS = ROOT / "test-artifacts"
 

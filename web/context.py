@@ -16,7 +16,7 @@ from services.jobs import JobStore
 from services.keys import Keys
 from services.limits import StreamsPerClient
 from services.reaper import Reaper
-from services.redisconn import Broker, Redis, cancel_and_wait
+from services.redisconn import Broker, ReadyProbe, Redis, cancel_and_wait
 from services.viewer_tokens import ViewerTokens
 
 
@@ -29,6 +29,7 @@ class Context:
     log: EventLog
     hub: Hub
     reaper: Reaper
+    ready: ReadyProbe
     viewer_tokens: ViewerTokens | None = None
     history: FinishedLogs | None = None
     client_streams: StreamsPerClient = field(
@@ -86,6 +87,7 @@ class Context:
             log,
             hub,
             reaper,
+            ReadyProbe(redis, keys.ready_probe(), settings.node_id),
             viewer_tokens=tokens,
             history=FinishedLogs(log),
             client_streams=StreamsPerClient(settings.max_streams_per_client),

@@ -8,6 +8,7 @@ from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from services.errors import BrokerUnavailable, JobFinished, JobNotFound, QueueFull, RateLimited
+from services.redisconn import is_broker_unavailability
 from services.resume import InvalidLastEventId
 from web.auth import AccessDenied
 from web.models import MAX_BODY_BYTES, InvalidField
@@ -84,9 +85,7 @@ def install(app: Quart) -> None:
     @app.errorhandler(BrokerUnavailable)
     async def broker_unavailable(exc: BrokerUnavailable) -> Response:
         log.warning("broker unavailable: %s", exc)
-        headers = {"Retry-After": str(BROKER_RETRY_AFTER_S)}
-        message = "the broker is unreachable; retry shortly"
-        return error_response(503, "broker_unavailable", message, headers=headers)
+        return broker_unavailable_response()
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
@@ -109,5 +108,16 @@ def install(app: Quart) -> None:
 
     @app.errorhandler(Exception)
     async def unexpected(exc: Exception) -> Response:
+        if is_broker_unavailability(exc):
+            # READONLY, LOADING or a dropped connection that a path did not
+            # translate: still the broker's unavailability, not our bug.
+            log.warning("broker unavailable (untranslated %s): %s", type(exc).__name__, exc)
+            return broker_unavailable_response()
         log.exception("unhandled error")
         return error_response(500, "internal_error", "an internal error occurred")
+
+
+def broker_unavailable_response() -> Response:
+    headers = {"Retry-After": str(BROKER_RETRY_AFTER_S)}
+    message = "the broker is unreachable; retry shortly"
+    return error_response(503, "broker_unavailable", message, headers=headers)

@@ -1,5 +1,6 @@
-"""``/healthz`` (the process is up), ``/readyz`` (it can serve: broker
-reachable, not draining) and ``/metrics`` (Prometheus)."""
+"""``/healthz`` (the process is up), ``/readyz`` (it can serve: not
+draining, its pub/sub connections up, and the broker takes a scripted write
+through the pool the requests use) and ``/metrics`` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from quart import Blueprint, Response, jsonify
 
 from services import metrics
 from services.errors import BrokerUnavailable
-from services.redisconn import BROKER_IO_ERRORS
 from web.context import ctx
 from web.errors import error_response
 
@@ -36,13 +36,15 @@ async def prometheus_metrics() -> Response:
 
 @bp.get("/readyz")
 async def readyz() -> Response:
+    """200 only when this node's next requests would succeed (API.md, "Broker outage")."""
     context = ctx()
     if context.draining:
         return error_response(503, "draining", "this node is shutting down")
+    if not context.hub.healthy():  # new streams are refused until it reconnects
+        return error_response(503, "broker_unavailable", "the pub/sub connection is down")
     try:
-        # The same pool the requests use: 200 means requests can reach the broker.
         async with asyncio.timeout(PING_TIMEOUT_S):
-            await context.redis.ping()
-    except (TimeoutError, *BROKER_IO_ERRORS):
+            await context.ready.check()
+    except (TimeoutError, BrokerUnavailable):
         return error_response(503, "broker_unavailable", "the broker is unreachable")
     return jsonify({"status": "ready"})

@@ -1,10 +1,18 @@
-"""The worker loop: claim jobs, run them under a lease, end each with ``done``."""
+"""The worker loop: claim jobs, run them under a lease, end each with ``done``.
+
+A broker outage fails no job: a running job's appends wait for the broker
+for as long as it takes (the writer retries; the log's appends are
+idempotent), its lease is renewed the moment the broker answers again, and
+the reapers count every lease as renewed when the broker came back
+(``services.queue``), so the generation carries on where it stopped.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
 import secrets
 import time
 
@@ -27,6 +35,8 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.05  # cancel is honoured within this plus one append (API.md: 250 ms)
 CLAIM_BLOCK_MS = 1000
 POLL_S = 0.05  # between queue reads on a broker that cannot block (embedded)
+# Handing a job back at shutdown waits this long for an unreachable broker.
+HAND_BACK_TIMEOUT_S = 5.0
 
 
 WORKER_SHUTDOWN = {
@@ -174,7 +184,7 @@ class Worker:
             retention_s=self.settings.retention_s,
             last_id=started.last_event_id,
             tokens=started.tokens,
-            retry_s=self.settings.broker_grace_s,
+            retry_s=math.inf,  # an outage fails no job: wait for the broker
         )
         if started.last_event_id == 0:  # a retried job keeps its one start event
             await writer.start(spec.model, created_at)
@@ -206,15 +216,17 @@ class Worker:
     async def _hand_back(self, claim: Claim, writer: JobWriter) -> None:
         """Shutting down with a job unfinished: requeue it if it sent no token
         (another worker continues its log), else end it now rather than leave
-        its viewers waiting for the lease to expire."""
+        its viewers waiting for the lease to expire. The broker is waited for
+        ``HAND_BACK_TIMEOUT_S`` at most: then the lease decides."""
         try:
-            if writer.tokens == 0:
-                log.info("job %s: handed back to the queue", claim.job_id)
-                await self.queue.requeue(claim.job_id, writer.owner)
-            else:
-                await writer.finish(FAILED, None, WORKER_SHUTDOWN, finished_at=now_iso())
-            await self.queue.settle(claim.job_id, claim.entry_id)
-        except (Fenced, JobFinished, BrokerUnavailable) as exc:
+            async with asyncio.timeout(HAND_BACK_TIMEOUT_S):
+                if writer.tokens == 0:
+                    log.info("job %s: handed back to the queue", claim.job_id)
+                    await self.queue.requeue(claim.job_id, writer.owner)
+                else:
+                    await writer.finish(FAILED, None, WORKER_SHUTDOWN, finished_at=now_iso())
+                await self.queue.settle(claim.job_id, claim.entry_id)
+        except (Fenced, JobFinished, BrokerUnavailable, TimeoutError) as exc:
             log.warning("job %s: could not hand back (%s)", claim.job_id, exc)
 
     async def _supervise(self, gen_task: asyncio.Task, job_id: str, owner: str) -> None:
@@ -234,7 +246,10 @@ class Worker:
                     else:
                         owned, cancel = await self.queue.cancel_requested(job_id, owner)
                 except BrokerUnavailable:
-                    continue  # keep generating; the lease decides if this lasts
+                    # Keep generating, and renew on the first poll that
+                    # reaches the broker again.
+                    next_renew = time.monotonic()
+                    continue
                 raise_lost_cancel()
                 if not owned:
                     raise Fenced(f"job {job_id}: lease lost")
