@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -31,7 +32,9 @@ from tests.fakes.upstream import (
 )
 from tests.integration.test_openai_api import chat_stream, content
 from tests.support import Cluster, free_port, job_state, wait_finished, wait_until
+from worker.backends.demo import DemoBackend
 from worker.backends.openai import OpenAIBackend, Produced
+from worker.runner import Worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -264,6 +267,39 @@ async def test_cancelling_the_consumer_closes_the_upstream_request(upstream, wai
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await backend.aclose()
+
+
+class Closing:
+    """A backend of two models that counts its closes."""
+
+    def __init__(self) -> None:
+        self.closes = 0
+
+    def models(self) -> list[str]:
+        return ["one", "two"]
+
+    def generate(self, spec: JobSpec) -> Any:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        self.closes += 1
+
+
+async def test_a_stopping_worker_closes_its_backends_once(upstream, redis, keys):
+    settings = Settings(key_prefix=keys.prefix, upstream_base_url=upstream.base_url)
+    openai_backend, closing = backend_for(upstream.base_url), Closing()
+    backends = {"chat": openai_backend, "ok": openai_backend, "one": closing, "two": closing}
+    worker = Worker(redis, settings, {**backends, "demo": DemoBackend()})
+    running = asyncio.create_task(worker.run())
+    for _ in range(250):  # until its consumer group is made: it is running
+        if await redis.exists(keys.queue()):
+            break
+        await asyncio.sleep(0.02)
+    assert not openai_backend.client.is_closed()
+    worker.stop()
+    await asyncio.wait_for(running, 10)
+    assert openai_backend.client.is_closed()  # the upstream connections with it
+    assert closing.closes == 1
 
 
 # Through real processes.

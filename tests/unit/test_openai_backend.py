@@ -9,6 +9,7 @@ from services.config import Settings
 from services.errors import BackendError, SettingsError
 from services.items import ToolCallFragment
 from services.jobs import JobSpec
+from worker.backends.base import close_backends
 from worker.backends.demo import DemoBackend
 from worker.backends.openai import OpenAIBackend
 from worker.main import backends_for
@@ -169,3 +170,16 @@ def test_reasoning_that_is_not_text_is_malformed():
     generation = backend().generate(JobSpec(prompt="hi", model="q"))
     with pytest.raises(BackendError, match=r"sent a malformed chunk: .*\"reasoning\":7"):
         generation._items(upstream_chunk(reasoning=7))
+
+
+async def test_a_failing_close_is_logged_and_the_others_still_close(caplog):
+    class Failing:
+        async def aclose(self) -> None:
+            raise RuntimeError("socket already gone")
+
+    failing, upstream = Failing(), backend()
+    await close_backends([failing, DemoBackend(), upstream])  # demo has no aclose
+    assert upstream.client.is_closed()
+    [record] = caplog.records
+    assert record.getMessage() == f"closing backend {failing!r} failed"
+    assert record.exc_info is not None and str(record.exc_info[1]) == "socket already gone"
