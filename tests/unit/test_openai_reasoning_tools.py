@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
 
 from services.events import Event, done_data, dumps, start_data, token_data
 from services.jobs import JobState
@@ -189,18 +191,23 @@ MERGED = [
 ]
 
 
-def sdk(body: bytes, content_type: str = "text/event-stream") -> openai.OpenAI:
-    """An official client whose server answers every request with ``body``."""
+BASE_URL = "http://tokencast.test/v1"
+
+
+def answering(body: bytes, content_type: str) -> httpx.Client:
+    """An HTTP client whose server answers every request with ``body``."""
 
     def answer(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=body, headers={"content-type": content_type})
 
-    transport = httpx.MockTransport(answer)
+    return httpx.Client(transport=httpx.MockTransport(answer))
+
+
+def sdk(body: bytes, content_type: str = "text/event-stream") -> openai.OpenAI:
+    """The official client, its server answering every request with ``body``."""
+    http_client = answering(body, content_type)
     return openai.OpenAI(
-        base_url="http://tokencast.test/v1",
-        api_key="unused",
-        max_retries=0,
-        http_client=httpx.Client(transport=transport),
+        base_url=BASE_URL, api_key="unused", max_retries=0, http_client=http_client
     )
 
 
@@ -258,4 +265,44 @@ def test_the_clients_chunks_are_as_openai_sends_them():
         None,
         "get_weather",
         None,
+    ]
+
+
+def langchain(body: bytes, content_type: str = "text/event-stream") -> ChatOpenAI:
+    """LangChain's ChatOpenAI, its server answering every request with ``body``."""
+    return ChatOpenAI(
+        model="demo",
+        base_url=BASE_URL,
+        api_key=SecretStr("unused"),
+        http_client=answering(body, content_type),
+        max_retries=0,
+    )
+
+
+@pytest.mark.parametrize("events", [LIVE, MERGED], ids=["live", "merged"])
+def test_langchains_stream_assembles_the_calls(events):
+    chunks = list(langchain(encoded(events)).bind_tools([WEATHER]).stream("weather?"))
+    message = chunks[0]
+    for piece in chunks[1:]:
+        message += piece
+    assert message.content == "Let me look."
+    assert message.tool_calls == [
+        {"name": "get_weather", "args": {"city": "Paris"}, "id": "call_abc", "type": "tool_call"},
+        {
+            "name": "get_weather",
+            "args": {"city": "Tōkyō 東京"},
+            "id": "call_def",
+            "type": "tool_call",
+        },
+    ]
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+
+
+def test_langchains_invoke_reads_the_completion():
+    state = finished_state("Let me look.", "The user wants", [CALL])
+    model = langchain(json.dumps(completion_body(state, 3)).encode(), "application/json")
+    message = model.bind_tools([WEATHER]).invoke("weather?")
+    assert message.content == "Let me look."
+    assert [(call["id"], call["name"], call["args"]) for call in message.tool_calls] == [
+        ("call_abc", "get_weather", {"city": "Paris"})
     ]
