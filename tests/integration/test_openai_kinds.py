@@ -1,6 +1,7 @@
-"""Reasoning and tool calls from an upstream model, out of tokencast, read by the
-clients users have: real ``tokencast serve`` and ``worker`` processes, a fake
-upstream speaking OpenAI's wire format (``tests/fakes/upstream.py``)."""
+"""Reasoning and tool calls from an upstream model, against a fake upstream
+speaking OpenAI's wire format (``tests/fakes/upstream.py``): first what the
+``openai`` backend yields in this process, then what comes out of real
+``tokencast serve`` and ``worker`` processes, read by the clients users have."""
 
 from __future__ import annotations
 
@@ -16,8 +17,17 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import SecretStr
 
-from tests.fakes.upstream import ANSWER, CALLS, THOUGHT, WEATHER, FakeUpstream
-from tests.integration.test_openai_upstream import NEEDS_KINDS
+from services.items import Text, ToolCallFragment
+from tests.fakes.upstream import (
+    ANSWER,
+    ANSWER_PIECES,
+    CALLS,
+    THOUGHT,
+    THOUGHT_PIECES,
+    WEATHER,
+    FakeUpstream,
+)
+from tests.integration.test_openai_upstream import NEEDS_KINDS, generate
 from tests.support import Cluster, create_job, read_stream, wait_finished
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,16 +44,55 @@ def call(index: int) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def url(redis_url: str) -> Iterator[str]:
-    fake = FakeUpstream().start()
-    node = Cluster(redis_url, upstream_base_url=fake.base_url, upstream_models=MODELS)
+def fake() -> Iterator[FakeUpstream]:
+    upstream = FakeUpstream().start()
     try:
+        yield upstream
+    finally:
+        upstream.close()
+
+
+THOUGHT_ITEMS = [Text("reasoning", piece) for piece in THOUGHT_PIECES]
+
+
+@pytest.mark.parametrize("model", ["reasoning", "reasoning-field"])
+async def test_upstream_reasoning_becomes_reasoning_items(fake, model):
+    # reasoning_content (DeepSeek, Qwen) or reasoning (vLLM, Ollama); never both twice.
+    items, finish = await generate(fake.base_url, model)
+    assert items == [*THOUGHT_ITEMS, *ANSWER_PIECES]
+    assert finish == "stop"
+
+
+def fragments(index: int) -> list[ToolCallFragment]:
+    """Call ``index`` of the fake's ``CALLS`` as the log takes it: id and name first only."""
+    call_id, pieces = CALLS[index]
+    first = ToolCallFragment(index, "", call_id, "get_weather")
+    return [first, *(ToolCallFragment(index, piece) for piece in pieces)]
+
+
+async def test_a_call_split_over_many_deltas_after_reasoning_and_text(fake):
+    items, finish = await generate(fake.base_url, "tool-call")
+    assert items == [*THOUGHT_ITEMS, *ANSWER_PIECES, *fragments(0)]
+    assert finish == "tool_calls"
+
+
+@pytest.mark.parametrize("model", ["parallel-calls", "repeating-calls"])
+async def test_parallel_calls_each_name_themselves_once(fake, model):
+    # A server that repeats id, type and name in every fragment gives the same fragments.
+    items, finish = await generate(fake.base_url, model)
+    assert items == [*fragments(0), *fragments(1)]
+    assert finish == "tool_calls"
+
+
+# Through real processes.
+
+
+@pytest.fixture(scope="module")
+def url(redis_url: str, fake: FakeUpstream) -> Iterator[str]:
+    with Cluster(redis_url, upstream_base_url=fake.base_url, upstream_models=MODELS) as node:
         web = node.web()
         node.worker()
         yield web.url
-    finally:
-        node.close()
-        fake.close()
 
 
 def sdk(url: str) -> openai.OpenAI:
