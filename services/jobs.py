@@ -89,6 +89,9 @@ class JobState:
     finish_reason: str | None
     viewers: int
     metadata: dict[str, str]
+    reasoning: str = ""
+    # OpenAI's shape: [{"id", "type": "function", "function": {"name", "arguments"}}]
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -177,7 +177,9 @@ async def _completion(context: Context, state: JobState, headers: dict[str, str]
         error = done.get("error") or {}
         body = error_body(502, error.get("message", "the job failed"), error.get("code"))
         return _json(body, 502, headers)
-    return _json(completion_body(await context.store.get(state.id)), 200, headers)
+    finished = await context.store.get(state.id)
+    body = completion_body(finished, int(done.get("reasoning_tokens", 0)))
+    return _json(body, 200, headers)
 
 
 def _json(body: dict[str, Any], status: int, headers: dict[str, str]) -> Response:

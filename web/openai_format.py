@@ -2,13 +2,18 @@
 
 The mapping, for ``POST /v1/chat/completions`` and ``?format=openai`` alike:
 ``start`` → a chunk whose delta is ``{"role": "assistant", "content": ""}``;
-``token`` → a chunk whose delta is ``{"content": …}`` (a merged one also
-carries top-level ``first_id``); ``done`` completed or cancelled → a chunk
-with an empty delta and ``finish_reason``, the usage chunk when asked for,
-then ``data: [DONE]``; ``done`` failed → one ``{"error": …}`` object, and the
-stream ends. Every chunk has its event's ``id:``; ``[DONE]`` has none. A
-keepalive is a bare comment line: the official client fails on a blank line
-once it has seen an ``id:``.
+``token`` → a chunk whose delta is ``{"content": …}``; ``reasoning`` → one
+whose delta is ``{"reasoning_content": …}``; ``tool_call`` → one whose delta
+is ``{"tool_calls": [{"index", …}]}``, with ``id``, ``type`` and
+``function.name`` only on a call's first fragment, as OpenAI sends them (the
+official client's accumulator concatenates every string it is sent again).
+A merged event's chunk also carries top-level ``first_id``. ``done``
+completed or cancelled → a chunk with an empty delta and ``finish_reason``,
+the usage chunk when asked for, then ``data: [DONE]``; ``done`` failed → one
+``{"error": …}`` object, and the stream ends. Custom events have no chunk.
+Every chunk has its event's ``id:``; ``[DONE]`` has none. A keepalive is a
+bare comment line: the official client fails on a blank line once it has
+seen an ``id:``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from datetime import datetime
 from typing import Any
 
 from services.events import DONE, FAILED, START, TOKEN, Event, dumps
+from services.items import REASONING, TOOL_CALL
 from services.jobs import JobState
 from web.models import InvalidField
 from web.sse import COMMENT_KEEPALIVE_FRAME, Encoding
@@ -50,18 +56,33 @@ def include_usage_param(raw: str | None) -> bool:
     raise InvalidField("include_usage", "include_usage must be true or false")
 
 
-def usage(completion_tokens: int) -> dict[str, int]:
-    # Jobs do not count prompt tokens; completion tokens are the job's token events.
+def usage(tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
+    """Jobs do not count prompt tokens; completion tokens are the answer's and
+    the reasoning's events, as OpenAI counts reasoning in completion tokens."""
+    completion_tokens = tokens + reasoning_tokens
     return {
         "prompt_tokens": 0,
         "completion_tokens": completion_tokens,
         "total_tokens": completion_tokens,
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 
 def finish_reason(job_finish_reason: str | None) -> str:
-    """``length`` stays ``length``; ``stop`` and ``cancelled`` are ``stop``."""
-    return "length" if job_finish_reason == "length" else "stop"
+    """``length`` and ``tool_calls`` stay; ``stop`` and ``cancelled`` are ``stop``."""
+    return job_finish_reason if job_finish_reason in ("length", "tool_calls") else "stop"
+
+
+def tool_call_delta(data: dict[str, Any]) -> dict[str, Any]:
+    """One ``tool_call`` event's entry of ``delta.tool_calls``.
+
+    Only the fragment that has the call's ``id`` (its first) says ``id``,
+    ``type`` and ``name``; a later one is ``index`` and ``arguments`` alone.
+    """
+    if "id" in data:
+        function = {"name": data["name"], "arguments": data["arguments"]}
+        return {"index": data["index"], "id": data["id"], "type": "function", "function": function}
+    return {"index": data["index"], "function": {"arguments": data["arguments"]}}
 
 
 @dataclass(frozen=True)
@@ -100,10 +121,11 @@ class ChunkEncoder:
         if event.name == START:
             return _sse(event.id, self._chunk({"role": "assistant", "content": ""}))
         if event.name == TOKEN:
-            chunk = self._chunk({"content": data["text"]})
-            if "first_id" in data:
-                chunk["first_id"] = data["first_id"]
-            return _sse(event.id, chunk)
+            return self._delta_frame(event.id, {"content": data["text"]}, data)
+        if event.name == REASONING:
+            return self._delta_frame(event.id, {"reasoning_content": data["text"]}, data)
+        if event.name == TOOL_CALL:
+            return self._delta_frame(event.id, {"tool_calls": [tool_call_delta(data)]}, data)
         if event.name == DONE:
             if data["status"] == FAILED:
                 error = data.get("error") or {}
@@ -115,10 +137,18 @@ class ChunkEncoder:
                 return _sse(event.id, {"error": failure})
             frames = [_sse(event.id, self._chunk({}, finish_reason(data.get("finish_reason"))))]
             if self.include_usage:
-                frames.append(_sse(event.id, self._usage_chunk(int(data["tokens"]))))
+                tokens = int(data["tokens"])
+                reasoning_tokens = int(data.get("reasoning_tokens", 0))
+                frames.append(_sse(event.id, self._usage_chunk(tokens, reasoning_tokens)))
             frames.append(DONE_FRAME)
             return b"".join(frames)
         return b""  # an event this format has no chunk for
+
+    def _delta_frame(self, event_id: int, delta: dict[str, Any], data: dict[str, Any]) -> bytes:
+        chunk = self._chunk(delta)
+        if "first_id" in data:  # a merged event
+            chunk["first_id"] = data["first_id"]
+        return _sse(event_id, chunk)
 
     def _head(self) -> dict[str, Any]:
         return {
@@ -128,23 +158,31 @@ class ChunkEncoder:
             "model": self.model,
         }
 
-    def _chunk(self, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         chunk = self._head()
         chunk["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
         if self.include_usage:
             chunk["usage"] = None  # as OpenAI does: only the last chunk has usage
         return chunk
 
-    def _usage_chunk(self, tokens: int) -> dict[str, Any]:
+    def _usage_chunk(self, tokens: int, reasoning_tokens: int) -> dict[str, Any]:
         chunk = self._head()
         chunk["choices"] = []
-        chunk["usage"] = usage(tokens)
+        chunk["usage"] = usage(tokens, reasoning_tokens)
         return chunk
 
 
-def completion_body(state: JobState) -> dict[str, Any]:
-    """The ``chat.completion`` object of a finished job."""
-    message = {"role": "assistant", "content": state.text, "refusal": None}
+def completion_body(state: JobState, reasoning_tokens: int = 0) -> dict[str, Any]:
+    """The ``chat.completion`` object of a finished job (``reasoning_tokens``
+    from its ``done``): ``reasoning_content`` when it reasoned, ``tool_calls``
+    when it called tools, and then, as OpenAI does, ``content`` null if it
+    wrote no text."""
+    content = state.text if state.text or not state.tool_calls else None
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if state.reasoning:
+        message["reasoning_content"] = state.reasoning
+    if state.tool_calls:
+        message["tool_calls"] = state.tool_calls
     choice = {
         "index": 0,
         "message": message,
@@ -157,7 +195,7 @@ def completion_body(state: JobState) -> dict[str, Any]:
         "created": unix_seconds(state.created_at),
         "model": state.model,
         "choices": [choice],
-        "usage": usage(state.tokens),
+        "usage": usage(state.tokens, reasoning_tokens),
     }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from typing import cast
 
 from prometheus_client import start_http_server
 
@@ -22,7 +23,9 @@ def backends_for(settings: Settings) -> dict[str, Backend]:
         # Imported here: the SDK takes a noticeable part of a second to load.
         from worker.backends.openai import OpenAIBackend
 
-        upstream = OpenAIBackend(settings)
+        # Its generations yield items and end with Finish (services.items), where
+        # Backend still describes text with a finish_reason attribute.
+        upstream = cast(Backend, OpenAIBackend(settings))
         backends.update((name, upstream) for name in upstream.models())
     demo = DemoBackend()
     backends.update((name, demo) for name in demo.models())

@@ -27,7 +27,7 @@ from services.logs import set_job_id
 from services.queue import RENEW_FRACTION, Claim, JobQueue, NotStarted, Started
 from services.reaper import Reaper
 from services.redisconn import Redis, broker_errors, raise_lost_cancel
-from worker.backends.base import Backend
+from worker.backends.base import Backend, close_backends
 from worker.generate import pump
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class Worker:
             with contextlib.suppress(asyncio.CancelledError):
                 await reaper
             await self._drain()
+            await close_backends(self.backends.values())
 
     async def _ensure_group(self) -> None:
         while not self.stopping.is_set():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -57,6 +58,16 @@ CONVERSATION = [
 ]
 
 
+# Reasoning models: what they think, then what they answer.
+THOUGHT_PIECES = ["The user", " wants", " the weather", " in Paris."]
+THOUGHT = "".join(THOUGHT_PIECES)
+ANSWER_PIECES = ["Let me", " check."]
+ANSWER = "".join(ANSWER_PIECES)
+
+# Tool calls by index: (id, their arguments in the pieces they are streamed in).
+CALLS = [("call_abc", ['{"', "city", '":"', "Paris", '"}']), ("call_def", ['{"city":', ' "東京"}'])]
+
+
 @dataclass
 class Request:
     """One request the server received."""
@@ -99,6 +110,12 @@ class Reply:
         usage["total_tokens"] += completion_tokens
         await self.data(json.dumps(self._head(choices=[], usage=usage)))
 
+    async def finish(self, completion_tokens: int) -> None:
+        """The usage chunk, ``[DONE]``, and the end of the body."""
+        await self.usage(completion_tokens)
+        await self.data("[DONE]")
+        await self.end()
+
     async def end(self) -> None:
         """The clean end of a chunked body."""
         self.writer.write(b"0\r\n\r\n")
@@ -136,9 +153,7 @@ async def answer_ok(reply: Reply) -> None:
             await reply.chunk({"content": piece})
         await reply.chunk({"content": ""})
     await reply.chunk({}, "length" if len(pieces) < len(PIECES) else "stop")
-    await reply.usage(len(pieces))
-    await reply.data("[DONE]")
-    await reply.end()
+    await reply.finish(len(pieces))
 
 
 async def answer_slow(reply: Reply) -> None:
@@ -214,6 +229,72 @@ async def answer_error_midway(reply: Reply) -> None:
     await reply.end()
 
 
+async def answer_reasoning(reply: Reply) -> None:
+    """DeepSeek's and Qwen's shape: ``reasoning_content`` deltas (``content``
+    null), then ``content`` deltas (``reasoning_content`` null)."""
+    await reply.start()
+    await reply.chunk({"role": "assistant", "content": None, "reasoning_content": ""})
+    for piece in THOUGHT_PIECES:
+        await reply.chunk({"content": None, "reasoning_content": piece})
+    for piece in ANSWER_PIECES:
+        await reply.chunk({"content": piece, "reasoning_content": None})
+    await reply.chunk({"content": "", "reasoning_content": None}, "stop")
+    await reply.finish(len(THOUGHT_PIECES) + len(ANSWER_PIECES))
+
+
+async def answer_reasoning_field(reply: Reply) -> None:
+    """vLLM's, Ollama's and OpenRouter's ``delta.reasoning``; the first piece also
+    as ``reasoning_content``, as servers between the two names send: not twice."""
+    await reply.start()
+    await reply.chunk({"role": "assistant", "content": ""})
+    first, *rest = THOUGHT_PIECES
+    await reply.chunk({"reasoning": first, "reasoning_content": first})
+    for piece in rest:
+        await reply.chunk({"reasoning": piece})
+    for piece in ANSWER_PIECES:
+        await reply.chunk({"content": piece})
+    await reply.chunk({}, "stop")
+    await reply.finish(len(THOUGHT_PIECES) + len(ANSWER_PIECES))
+
+
+async def stream_call(reply: Reply, index: int, repeat: bool = False) -> None:
+    """Call ``index`` of ``CALLS`` as OpenAI streams it: ``index``, ``id``,
+    ``type`` and ``name`` with empty ``arguments`` first, then ``index`` and an
+    ``arguments`` piece per delta. ``repeat``: as servers that send ``id``,
+    ``type`` and ``name`` again in every fragment."""
+    call_id, pieces = CALLS[index]
+    head, name = {"index": index, "id": call_id, "type": "function"}, "get_weather"
+    await reply.chunk({"tool_calls": [{**head, "function": {"name": name, "arguments": ""}}]})
+    for piece in pieces:
+        call: dict[str, Any] = {"index": index, "function": {"arguments": piece}}
+        if repeat:
+            call = {**head, "function": {"name": name, "arguments": piece}}
+        await reply.chunk({"tool_calls": [call]})
+
+
+async def answer_tool_call(reply: Reply) -> None:
+    """Reasoning, a sentence, then one call split over many deltas; ``tool_calls``."""
+    await reply.start()
+    await reply.chunk({"role": "assistant", "content": None, "refusal": None})
+    for piece in THOUGHT_PIECES:
+        await reply.chunk({"reasoning_content": piece})
+    for piece in ANSWER_PIECES:
+        await reply.chunk({"content": piece})
+    await stream_call(reply, 0)
+    await reply.chunk({}, "tool_calls")
+    await reply.finish(len(THOUGHT_PIECES) + len(ANSWER_PIECES) + 5)
+
+
+async def answer_parallel_calls(reply: Reply, repeat: bool = False) -> None:
+    """Two calls in parallel (index 0, then 1), no text: ``content`` stays null."""
+    await reply.start()
+    await reply.chunk({"role": "assistant", "content": None, "refusal": None})
+    for index in range(len(CALLS)):
+        await stream_call(reply, index, repeat)
+    await reply.chunk({}, "tool_calls")
+    await reply.finish(12)
+
+
 SCENARIOS: dict[str, Callable[[Reply], Awaitable[None]]] = {
     "ok": answer_ok,
     "slow": answer_slow,
@@ -226,6 +307,11 @@ SCENARIOS: dict[str, Callable[[Reply], Awaitable[None]]] = {
     "cut": answer_cut,
     "drop": answer_drop,
     "error-midway": answer_error_midway,
+    "reasoning": answer_reasoning,
+    "reasoning-field": answer_reasoning_field,
+    "tool-call": answer_tool_call,
+    "parallel-calls": answer_parallel_calls,
+    "repeating-calls": functools.partial(answer_parallel_calls, repeat=True),
 }
 
 

@@ -199,7 +199,10 @@ def test_the_wire_format_exactly(url):
 
     tokens = list(enumerate(texts, start=2))
     done_id = count + 2
-    usage = f'"usage":{{"prompt_tokens":0,"completion_tokens":{state["tokens"]},"total_tokens":{state["tokens"]}}}'
+    usage = (
+        f'"usage":{{"prompt_tokens":0,"completion_tokens":{state["tokens"]},'
+        f'"total_tokens":{state["tokens"]},"completion_tokens_details":{{"reasoning_tokens":0}}}}'
+    )
     expected = (
         chunk(1, {"role": "assistant", "content": ""})
         + "".join(chunk(event_id, {"content": text}) for event_id, text in tokens)

@@ -1,10 +1,15 @@
 """Configuring the upstream backend: its settings and which models it serves."""
 
+import re
+
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from services.config import Settings
-from services.errors import SettingsError
+from services.errors import BackendError, SettingsError
+from services.items import ToolCallFragment
 from services.jobs import JobSpec
+from worker.backends.base import close_backends
 from worker.backends.demo import DemoBackend
 from worker.backends.openai import OpenAIBackend
 from worker.main import backends_for
@@ -110,3 +115,71 @@ def test_the_answer_is_bounded_by_the_field_the_server_takes(base_url, field):
     other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
     assert request[field] == 9
     assert other not in request
+
+
+def upstream_chunk(**delta) -> ChatCompletionChunk:
+    """A chunk as the client reads it off the wire: unknown delta fields kept."""
+    choice = {"index": 0, "delta": delta, "finish_reason": None}
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    return ChatCompletionChunk.model_validate({**head, "choices": [choice]})
+
+
+def call(index: int, **fields) -> dict:
+    return {"index": index, **fields}
+
+
+def test_a_first_fragment_without_an_id_gets_one():
+    generation = backend().generate(JobSpec(prompt="hi", model="q"))
+    named = {"name": "get_weather", "arguments": '{"ci'}
+    [fragment] = generation._items(upstream_chunk(tool_calls=[call(0, function=named)]))
+    assert isinstance(fragment, ToolCallFragment)
+    assert (fragment.index, fragment.name, fragment.arguments) == (0, "get_weather", '{"ci')
+    assert fragment.id is not None and re.fullmatch(r"call_[0-9a-f]{24}", fragment.id)
+    # Later fragments: arguments only, and none without arguments.
+    later = [call(0, id="x", function=named), call(0, function={"arguments": ""})]
+    assert generation._items(upstream_chunk(tool_calls=later)) == [ToolCallFragment(0, '{"ci')]
+
+
+@pytest.mark.parametrize(
+    ("fragment", "why"),
+    [
+        (
+            call(0, id="call_1", function={"arguments": "{}"}),
+            "a tool call's first fragment has no name",
+        ),
+        (
+            call(0, id="call_1", function={"name": "get weather"}),
+            "name must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -",
+        ),
+        (
+            call(128, id="call_1", function={"name": "f"}),
+            "index must be an integer from 0 to 127",
+        ),
+    ],
+)
+def test_a_tool_call_the_log_cannot_take_fails_the_job(fragment, why):
+    generation = backend().generate(JobSpec(prompt="hi", model="q"))
+    with pytest.raises(BackendError) as raised:
+        generation._items(upstream_chunk(tool_calls=[fragment]))
+    assert raised.value.message.startswith(
+        f"the upstream model server at http://127.0.0.1:8000/v1 sent a malformed chunk ({why}): {{"
+    )
+
+
+def test_reasoning_that_is_not_text_is_malformed():
+    generation = backend().generate(JobSpec(prompt="hi", model="q"))
+    with pytest.raises(BackendError, match=r"sent a malformed chunk: .*\"reasoning\":7"):
+        generation._items(upstream_chunk(reasoning=7))
+
+
+async def test_a_failing_close_is_logged_and_the_others_still_close(caplog):
+    class Failing:
+        async def aclose(self) -> None:
+            raise RuntimeError("socket already gone")
+
+    failing, upstream = Failing(), backend()
+    await close_backends([failing, DemoBackend(), upstream])  # demo has no aclose
+    assert upstream.client.is_closed()
+    [record] = caplog.records
+    assert record.getMessage() == f"closing backend {failing!r} failed"
+    assert record.exc_info is not None and str(record.exc_info[1]) == "socket already gone"

@@ -87,7 +87,12 @@ def test_include_usage_adds_null_usage_and_the_usage_chunk():
     assert json.loads(done[0][1]) == chunk({}, "stop", usage=None)
     usage = json.loads(done[1][1])
     assert usage["choices"] == []
-    assert usage["usage"] == {"prompt_tokens": 0, "completion_tokens": 7, "total_tokens": 7}
+    assert usage["usage"] == {
+        "prompt_tokens": 0,
+        "completion_tokens": 7,
+        "total_tokens": 7,
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
     assert done[2][1] == "[DONE]"
 
 
@@ -155,5 +160,10 @@ def test_completion_of_a_cancelled_job():
                 "finish_reason": "stop",
             }
         ],
-        "usage": {"prompt_tokens": 0, "completion_tokens": 2, "total_tokens": 2},
+        "usage": {
+            "prompt_tokens": 0,
+            "completion_tokens": 2,
+            "total_tokens": 2,
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        },
     }

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterable
 from typing import Protocol
 
 from services.jobs import JobSpec
+
+log = logging.getLogger(__name__)
 
 
 class Generation(Protocol):
@@ -26,3 +29,18 @@ class Backend(Protocol):
         ...
 
     def generate(self, spec: JobSpec) -> Generation: ...
+
+
+async def close_backends(backends: Iterable[Backend]) -> None:
+    """Await ``aclose()`` once on each backend that has one (a backend serving
+    several models is one object), so its connections close with the worker.
+    A failing close is logged: the others still close."""
+    unique = {id(backend): backend for backend in backends}
+    for backend in unique.values():
+        aclose = getattr(backend, "aclose", None)
+        if aclose is None:
+            continue
+        try:
+            await aclose()
+        except Exception:
+            log.exception("closing backend %r failed", backend)

@@ -6,9 +6,16 @@ choice as the client sent them (a prompt is one user message), and the model
 name mapped by ``TOKENCAST_UPSTREAM_MODELS``. ``max_tokens`` goes as
 ``max_completion_tokens`` to OpenAI's own API (its reasoning models refuse
 ``max_tokens``), as ``max_tokens`` to every other server (the field they all
-know). Each non-empty
-``delta.content`` becomes a token; the upstream ``finish_reason`` ends the
-generation (``length`` stays ``length``, any other reason is ``stop``).
+know).
+
+A generation yields ``services.items`` items, as the worker's log takes them:
+each non-empty ``delta.content`` is answer text (a ``str``); each non-empty
+``delta.reasoning_content``, or ``delta.reasoning`` when a server names it so
+(current vLLM, Ollama, OpenRouter), is ``Text("reasoning", …)``; each
+``delta.tool_calls`` entry is a ``ToolCallFragment``, with ``id`` and
+``name`` on the first fragment of its index only, whatever the upstream
+repeats. Last comes ``Finish`` with the upstream's ``finish_reason``
+(``length`` and ``tool_calls`` stay, any other reason is ``stop``).
 
 Every failure raises ``BackendError`` with a message that says what the
 upstream did, and ends the job:
@@ -34,8 +41,9 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import openai
@@ -43,6 +51,15 @@ import openai
 from services import metrics
 from services.config import Settings
 from services.errors import BackendError
+from services.items import (
+    REASONING,
+    TOOL_CALL,
+    Finish,
+    InvalidItem,
+    Text,
+    ToolCallFragment,
+    parse_item,
+)
 from services.jobs import JobSpec
 
 ATTEMPTS = 3
@@ -52,6 +69,10 @@ RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 QUOTE_CHARS = 300  # of an upstream message or a malformed chunk
 
 TIMEOUT = "upstream_timeout"
+KEPT_FINISH_REASONS = ("length", "tool_calls")  # any other is "stop"
+
+# What a generation yields: answer text, reasoning, tool-call fragments, then Finish.
+Produced = str | Text | ToolCallFragment | Finish
 
 # Hosts of OpenAI's own API, whose reasoning models take only max_completion_tokens.
 OPENAI_HOSTS = ("api.openai.com", ".openai.azure.com")
@@ -111,16 +132,16 @@ class OpenAIBackend:
 
 
 class UpstreamGeneration:
-    """One upstream chat completion, iterated as token texts."""
+    """One upstream chat completion, iterated as items (``Produced``), ``Finish`` last."""
 
     def __init__(self, backend: OpenAIBackend, request: dict[str, Any]):
         self.backend = backend
         self.request = request
         self.where = f"the upstream model server at {backend.base_url}"
-        self.finish_reason = "stop"
-        self._finished = False
+        self._finish: Finish | None = None
+        self._calls: set[int] = set()  # the indexes whose first fragment was yielded
 
-    async def __aiter__(self) -> AsyncIterator[str]:
+    async def __aiter__(self) -> AsyncIterator[Produced]:
         settings = self.backend.settings
         loop = asyncio.get_running_loop()
         requested_at: float | None = loop.time()
@@ -128,7 +149,7 @@ class UpstreamGeneration:
         stream = await self._open(deadline)
         try:
             first = True
-            while not self._finished:
+            while self._finish is None:
                 try:
                     if first:
                         async with asyncio.timeout_at(deadline):
@@ -144,14 +165,15 @@ class UpstreamGeneration:
                         " (no finish_reason)"
                     )
                 first = False
-                for text in self._texts(chunk):
+                for item in self._items(chunk):
                     if requested_at is not None:
                         metrics.UPSTREAM_FIRST_TOKEN.observe(loop.time() - requested_at)
                         requested_at = None
-                    yield text
+                    yield item
             await self._drain(stream)
         finally:
             await stream.close()
+        yield self._finish
 
     async def _open(self, deadline: float) -> openai.AsyncStream:
         """The upstream stream, retried with backoff while it fails to open."""
@@ -201,24 +223,61 @@ class UpstreamGeneration:
                 while await self._next(stream) is not None:
                     pass
 
-    def _texts(self, chunk: Any) -> list[str]:
-        """The content of the chunk's first choice; records its finish_reason."""
+    def _items(self, chunk: Any) -> list[Produced]:
+        """What the chunk's first choice adds; records its finish_reason."""
         choices = getattr(chunk, "choices", None)
         if not isinstance(choices, list):
             raise self._malformed(_dump(chunk))
-        texts = []
+        items: list[Produced] = []
         for choice in choices[:1]:
             delta = getattr(choice, "delta", None)
-            content = getattr(delta, "content", None) if delta is not None else None
-            if content is not None and not isinstance(content, str):
-                raise self._malformed(_dump(chunk))
-            if content:
-                texts.append(content)
+            if delta is not None:
+                reasoning = self._text(chunk, delta, "reasoning_content")
+                reasoning = reasoning or self._text(chunk, delta, "reasoning")
+                if reasoning:
+                    items.append(Text(REASONING, reasoning))
+                content = self._text(chunk, delta, "content")
+                if content:
+                    items.append(content)
+                items.extend(self._fragments(chunk, getattr(delta, "tool_calls", None) or []))
             reason = getattr(choice, "finish_reason", None)
             if reason:
-                self.finish_reason = "length" if reason == "length" else "stop"
-                self._finished = True
-        return texts
+                self._finish = Finish(reason if reason in KEPT_FINISH_REASONS else "stop")
+        return items
+
+    def _text(self, chunk: Any, delta: Any, field: str) -> str | None:
+        text = getattr(delta, field, None)
+        if text is not None and not isinstance(text, str):
+            raise self._malformed(_dump(chunk))
+        return text
+
+    def _fragments(self, chunk: Any, calls: Any) -> list[ToolCallFragment]:
+        """The tool-call fragments of one delta: ``id`` and ``name`` only on the
+        first of an index (servers that repeat them would double them for a
+        client that concatenates), and no empty later fragment."""
+        if not isinstance(calls, list):
+            raise self._malformed(_dump(chunk))
+        fragments = []
+        for call in calls:
+            index = getattr(call, "index", None)
+            function = getattr(call, "function", None)
+            fragment: dict[str, Any] = {"type": TOOL_CALL, "index": index}
+            fragment["arguments"] = getattr(function, "arguments", None) or ""
+            if index not in self._calls:
+                # A call needs an id to be answered; not every server sends one.
+                fragment["id"] = getattr(call, "id", None) or f"call_{secrets.token_hex(12)}"
+                fragment["name"] = getattr(function, "name", None)
+                if fragment["name"] is None:
+                    raise self._malformed(_dump(chunk), "a tool call's first fragment has no name")
+            elif not fragment["arguments"]:
+                continue
+            try:  # the publish format's checks: index, id and name as the log takes them
+                parsed = cast(ToolCallFragment, parse_item(fragment))
+            except InvalidItem as exc:
+                raise self._malformed(_dump(chunk), exc.message) from None
+            self._calls.add(parsed.index)
+            fragments.append(parsed)
+        return fragments
 
     def _timeout(self, first: bool, failure: str = "") -> BackendError:
         settings = self.backend.settings
@@ -237,8 +296,9 @@ class UpstreamGeneration:
             )
         return BackendError(message, code=TIMEOUT)
 
-    def _malformed(self, raw: str) -> BackendError:
-        return BackendError(f"{self.where} sent a malformed chunk: {_quote(raw)}")
+    def _malformed(self, raw: str, why: str = "") -> BackendError:
+        because = f" ({why})" if why else ""
+        return BackendError(f"{self.where} sent a malformed chunk{because}: {_quote(raw)}")
 
 
 def _upstream_message(exc: openai.APIStatusError) -> str:
