@@ -15,6 +15,7 @@ import httpx_sse
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
 from deploy.local.cluster import ROOT, Process, RedisServer, free_port, wait_until
+from services.items import TOKEN, Text
 
 __all__ = ["ROOT", "Process", "RedisServer", "free_port", "wait_until"]
 
@@ -62,6 +63,11 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def token_items(texts: list[str]) -> list[Text]:
+    """Answer texts as the items a job's writer appends."""
+    return [Text(TOKEN, text) for text in texts]
 
 
 def redis_available(port: int = 6379) -> bool:

@@ -28,6 +28,7 @@ from services.jobs import new_job_id, now_iso
 from services.keys import Keys
 from services.redisconn import connect
 from services.runtime import tune_gc
+from tests.support import token_items
 from worker.generate import pump
 
 OWNER = "bench-publisher"
@@ -120,7 +121,7 @@ class Publisher:
             await self._windowed(self.writers[0], spec)
         elif spec.mode == "one":
             for writer in self.writers:
-                await writer.append_tokens([stamp()])
+                await writer.append(token_items([stamp()]))
                 await writer.finish(COMPLETED, "stop", finished_at=now_iso())
         elapsed = time.time() - started
         return {

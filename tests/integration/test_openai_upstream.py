@@ -58,7 +58,8 @@ async def generate(base_url: str, model: str, **spec) -> tuple[list[str], str | 
     tokens: list[str] = []
     try:
         async for text in generation:
-            tokens.append(text)
+            if isinstance(text, str):  # the last item is the done item, with finish_reason
+                tokens.append(text)
     except BackendError as exc:
         return tokens, exc
     finally:

@@ -4,20 +4,22 @@ import pytest
 
 from services.errors import BackendError
 from services.jobs import JobSpec
+from worker.backends.base import Job
 from worker.backends.demo import DemoBackend, demo_tokens
 
 
-def spec(**kw) -> JobSpec:
+def spec(**kw) -> Job:
     kw.setdefault("prompt", "tell me about streams")
     kw.setdefault("model", "demo")
     kw.setdefault("demo", {"tokens_per_second": 0})
-    return JobSpec(**kw)
+    return Job.from_spec("job-1", JobSpec(**kw))
 
 
-async def generate(s: JobSpec) -> tuple[list[str], str]:
-    gen = DemoBackend().generate(s)
-    tokens = [t async for t in gen]
-    return tokens, gen.finish_reason
+async def generate(s: Job) -> tuple[list[str], str]:
+    """The answer's texts and the finish reason of the done item, which comes last."""
+    items = [item async for item in DemoBackend().generate(s)]
+    assert items[-1]["type"] == "done"
+    return items[:-1], items[-1]["finish_reason"]
 
 
 async def test_demo_is_a_pure_function_of_prompt_max_tokens_and_seed():

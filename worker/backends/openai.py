@@ -43,7 +43,7 @@ import openai
 from services import metrics
 from services.config import Settings
 from services.errors import BackendError
-from services.jobs import JobSpec
+from worker.backends.base import Job
 
 ATTEMPTS = 3
 BACKOFF_S = 0.25  # then doubled per attempt
@@ -88,7 +88,7 @@ class OpenAIBackend:
     def models(self) -> list[str]:
         return list(self.upstream_names)
 
-    def generate(self, spec: JobSpec) -> UpstreamGeneration:
+    def generate(self, spec: Job) -> UpstreamGeneration:
         messages = spec.messages or [{"role": "user", "content": spec.prompt}]
         request: dict[str, Any] = {
             "model": self.upstream_names[spec.model],
@@ -120,7 +120,7 @@ class UpstreamGeneration:
         self.finish_reason = "stop"
         self._finished = False
 
-    async def __aiter__(self) -> AsyncIterator[str]:
+    async def __aiter__(self) -> AsyncIterator[str | dict[str, str]]:
         settings = self.backend.settings
         loop = asyncio.get_running_loop()
         requested_at: float | None = loop.time()
@@ -152,6 +152,7 @@ class UpstreamGeneration:
             await self._drain(stream)
         finally:
             await stream.close()
+        yield {"type": "done", "finish_reason": self.finish_reason}
 
     async def _open(self, deadline: float) -> openai.AsyncStream:
         """The upstream stream, retried with backoff while it fails to open."""
