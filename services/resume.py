@@ -15,6 +15,8 @@ from typing import Any
 from services.events import KINDS, TOOL_CALL, Event, Merge, token_data, tool_call_data
 
 MAX_EVENT_ID_DIGITS = 19
+# How each kind of event that merges does so; the others never merge.
+MERGES = {name: kind.merge for name, kind in KINDS.items() if kind.merge is not Merge.NEVER}
 
 
 class InvalidLastEventId(ValueError):
@@ -82,12 +84,12 @@ def coalesce(
         run.clear()
 
     for event in events:
-        kind = KINDS.get(event.name)
-        if kind is None or kind.merge is Merge.NEVER:
+        merge = MERGES.get(event.name)
+        if merge is None:
             flush()
             merged.append(event)
             continue
-        key = event.name if kind.merge is Merge.RUN else payload_of(event)["index"]
+        key = event.name if merge is Merge.RUN else payload_of(event)["index"]
         if run and key != run_key:
             flush()
         run_key = key
