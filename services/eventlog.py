@@ -33,7 +33,14 @@ from services.events import (
     token_data,
     tool_call_data,
 )
-from services.items import CustomEvent, InvalidItem, Text, ToolCallFragment
+from services.items import (
+    CUSTOM_NAME,
+    RESERVED_NAMES,
+    CustomEvent,
+    InvalidItem,
+    Text,
+    ToolCallFragment,
+)
 from services.keys import Keys
 from services.logscripts import (
     APPEND_BODY,
@@ -248,6 +255,9 @@ class JobWriter:
         if isinstance(item, ToolCallFragment):
             return TOOL_CALL, self._tool_call_data(item), ""
         if isinstance(item, CustomEvent):
+            if item.name in RESERVED_NAMES or not CUSTOM_NAME.fullmatch(item.name):
+                # parse_item refuses these; an item built directly must not pass either
+                raise InvalidItem("name", f"a custom event may not be named {item.name[:80]!r}")
             return item.name, dumps(item.data), ""
         raise TypeError(f"a job's log takes text, tool calls and custom events, not {item!r}")
 

@@ -73,8 +73,8 @@ async def pump(generation: AsyncIterable[object], writer: JobWriter, source: str
             await flush()  # what the model produced before failing is part of the job
             raise
         await flush()
-    except InvalidItem as exc:  # the writer's check of a tool call's fragments
-        raise BackendError(f"{source} yielded a bad tool_call fragment: {exc.message}") from None
+    except InvalidItem as exc:  # the writer's checks: tool-call fragments, custom names
+        raise BackendError(f"{source} yielded a bad item: {exc.message}") from None
     finally:
         # Cancelled mid-append: let the append land so the writer's token
         # count matches the log before the terminal event is written.

@@ -139,3 +139,13 @@ async def test_a_bad_tool_call_fragment_is_refused_after_the_items_before_it(red
         ("tool_call", {"index": 0, "id": "call_1", "name": "f", "arguments": "{"}),
     ]
     assert (writer.tokens, writer.last_id) == (1, 3)
+
+
+async def test_a_custom_event_built_with_a_reserved_name_is_refused(redis, keys):
+    from services.items import CustomEvent, InvalidItem
+
+    [writer] = await started_jobs(redis, keys, LogAppender(redis), 1)
+    for name in ("token", "done", "Bad"):
+        with pytest.raises(InvalidItem, match=f"a custom event may not be named '{name}'"):
+            await writer.append([CustomEvent(name, {})])
+    assert (writer.tokens, writer.last_id) == (0, 1)

@@ -256,7 +256,7 @@ async def test_a_bad_tool_call_fragment_fails_the_job_and_keeps_what_came_before
         await running
     state = await store.get(job_id)
     message = (
-        "the backend of model 'mine' yielded a bad tool_call fragment:"
+        "the backend of model 'mine' yielded a bad item:"
         " the first tool_call fragment of index 0 must carry id and name"
     )
     assert state.error == {"code": "backend_error", "message": message}
