@@ -18,7 +18,29 @@ from redis.exceptions import NoScriptError
 
 from services import metrics
 from services.errors import BrokerUnavailable
-from services.events import DONE, START, TOKEN, Event, JobStatus, done_data, start_data, token_data
+from services.events import (
+    DONE,
+    REASONING,
+    START,
+    TOKEN,
+    TOOL_CALL,
+    Event,
+    JobStatus,
+    done_data,
+    dumps,
+    kind_of,
+    start_data,
+    token_data,
+    tool_call_data,
+)
+from services.items import (
+    CUSTOM_NAME,
+    RESERVED_NAMES,
+    CustomEvent,
+    InvalidItem,
+    Text,
+    ToolCallFragment,
+)
 from services.keys import Keys
 from services.logscripts import (
     APPEND_BODY,
@@ -153,13 +175,19 @@ class LogAppender:
         return replies
 
 
+# What a writer appends: the items that become events (``Finish`` and
+# ``Failure`` end the job through ``JobWriter.finish`` instead).
+EventItem = Text | ToolCallFragment | CustomEvent
+
+
 class JobWriter:
     """The single writer of one job's log, valid while ``owner`` holds the job.
 
     Raises ``Fenced`` once another writer has taken the job over, and
     ``JobFinished`` after the terminal event: both mean "stop writing".
     A broker outage is retried for up to ``retry_s`` (appends are idempotent),
-    then raised as ``BrokerUnavailable``.
+    then raised as ``BrokerUnavailable``. ``tokens`` and ``reasoning_tokens``
+    count the job's ``token`` and ``reasoning`` events, for its ``done``.
     """
 
     def __init__(
@@ -172,6 +200,7 @@ class JobWriter:
         retention_s: float,
         last_id: int = 0,
         tokens: int = 0,
+        reasoning_tokens: int = 0,
         retry_s: float = 0.0,
     ):
         self.appender = appender
@@ -181,16 +210,75 @@ class JobWriter:
         self.retention_ms = int(retention_s * 1000)
         self.last_id = last_id
         self.tokens = tokens
+        self.reasoning_tokens = reasoning_tokens
         self.retry_s = retry_s
+        # Each tool call's id and name, by index: given by its first fragment only.
+        self._tool_calls: dict[int, tuple[str, str]] = {}
 
     async def start(self, model: str, created_at: str) -> AppendResult:
         return await self._append([(START, start_data(self.job_id, model, created_at), "")])
 
-    async def append_tokens(self, texts: list[str]) -> AppendResult:
-        """Append one ``token`` event per text, in one atomic step."""
-        result = await self._append([(TOKEN, token_data(text), text) for text in texts])
-        self.tokens += len(texts)
+    async def append(self, items: list[EventItem]) -> AppendResult:
+        """Append one event per item, in one atomic step.
+
+        A tool call's first fragment (of its ``index``) must carry ``id`` and
+        ``name``, and later ones may not change them (they are left out of
+        the log). At a bad item, the items before it are appended and
+        ``InvalidItem`` is raised, naming the field.
+        """
+        events: list[tuple[str, str, str]] = []
+        counts: dict[str, int] = {}
+        invalid: InvalidItem | None = None
+        for item in items:
+            try:
+                event = self._event_of(item)
+            except InvalidItem as exc:
+                invalid = exc
+                break
+            events.append(event)
+            name = kind_of(event[0]).name
+            counts[name] = counts.get(name, 0) + 1
+        if events or invalid is None:
+            result = await self._append(events)
+            self.tokens += counts.get(TOKEN, 0)
+            self.reasoning_tokens += counts.get(REASONING, 0)
+            for name, count in counts.items():
+                metrics.EVENTS_APPENDED.labels(name).inc(count)
+        if invalid is not None:
+            raise invalid
         return result
+
+    def _event_of(self, item: EventItem) -> tuple[str, str, str]:
+        """(name, data, text piece) of the event ``item`` stands for."""
+        if isinstance(item, Text):
+            return item.kind, token_data(item.text), item.text
+        if isinstance(item, ToolCallFragment):
+            return TOOL_CALL, self._tool_call_data(item), ""
+        if isinstance(item, CustomEvent):
+            if item.name in RESERVED_NAMES or not CUSTOM_NAME.fullmatch(item.name):
+                # parse_item refuses these; an item built directly must not pass either
+                raise InvalidItem("name", f"a custom event may not be named {item.name[:80]!r}")
+            return item.name, dumps(item.data), ""
+        raise TypeError(f"a job's log takes text, tool calls and custom events, not {item!r}")
+
+    def _tool_call_data(self, item: ToolCallFragment) -> str:
+        known = self._tool_calls.get(item.index)
+        if known is None:
+            if item.id is None or item.name is None:
+                raise InvalidItem(
+                    "id" if item.id is None else "name",
+                    f"the first tool_call fragment of index {item.index} must carry id and name",
+                )
+            self._tool_calls[item.index] = (item.id, item.name)
+            return tool_call_data(item.index, item.arguments, item.id, item.name)
+        for field, given, kept in (("id", item.id, known[0]), ("name", item.name, known[1])):
+            if given is not None and given != kept:
+                raise InvalidItem(
+                    field,
+                    f"tool call {item.index} has the {field} {kept!r}; a later fragment"
+                    f" may not change it (got {given!r})",
+                )
+        return tool_call_data(item.index, item.arguments)
 
     async def finish(
         self,
@@ -207,7 +295,8 @@ class JobWriter:
         if error:
             fields["error_code"] = error["code"]
             fields["error_message"] = error["message"]
-        event = (DONE, done_data(status, finish_reason, self.tokens, error), "")
+        data = done_data(status, finish_reason, self.tokens, error, self.reasoning_tokens)
+        event = (DONE, data, "")
         result = await self._append([event], fields, expire_ms=self.retention_ms)
         metrics.JOBS_FINISHED.labels(status).inc()
         return result

@@ -2,8 +2,8 @@
 
 A finished log never changes, yet a resume storm (hundreds of viewers coming
 back after a node died) used to read and merge it once per viewer. Here it is
-read once per node (concurrent loads of one job share a single read), its
-token texts parsed once, and the merged batch for each resume position built
+read once per node (concurrent loads of one job share a single read), the
+data of its events that merge parsed once, and the merged batch for each resume position built
 once, so its encoded frames are shared too.
 
 Bounded: at most ``MAX_JOBS`` logs (least recently used first out), and
@@ -16,14 +16,16 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict
+from typing import Any
 
 from services.eventlog import EventLog
-from services.events import DONE, TOKEN, Event
+from services.events import DONE, KINDS, Event, Merge
 from services.resume import coalesce
 
 MAX_JOBS = 32
 MAX_POSITIONS = 64
 READ_PAGE = 5000
+MERGED = frozenset(name for name, kind in KINDS.items() if kind.merge is not Merge.NEVER)
 
 
 class FinishedLog:
@@ -31,14 +33,16 @@ class FinishedLog:
 
     def __init__(self, events: list[Event]):
         self.events = events
-        self.texts = [json.loads(e.data)["text"] if e.name == TOKEN else "" for e in events]
+        self.payloads: list[dict[str, Any]] = [
+            json.loads(e.data) if e.name in MERGED else {} for e in events
+        ]
         self._batches: OrderedDict[int, list[Event]] = OrderedDict()
 
     def after(self, sent: int) -> list[Event]:
-        """Everything after id ``sent``, consecutive tokens merged into one event."""
+        """Everything after id ``sent``, merged as ``coalesce`` merges."""
         batch = self._batches.get(sent)
         if batch is None:
-            batch = coalesce(self.events[sent:], text_of=lambda event: self.texts[event.id - 1])
+            batch = coalesce(self.events[sent:], lambda event: self.payloads[event.id - 1])
             self._batches[sent] = batch
             if len(self._batches) > MAX_POSITIONS:
                 self._batches.popitem(last=False)

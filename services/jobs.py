@@ -1,7 +1,8 @@
 """Jobs: what a job asks for, its state, and the operations on it.
 
-A job's state lives in one Redis hash (``Keys.job``); its text in a string
-the writer appends to; its events in the log (``services.eventlog``).
+A job's state lives in one Redis hash (``Keys.job``); its text and its
+reasoning in strings the writer appends to, its tool-call fragments in a
+list; its events in the log (``services.eventlog``).
 """
 
 from __future__ import annotations
@@ -85,13 +86,13 @@ class JobState:
     tokens: int
     last_event_id: int
     text: str
+    reasoning: str
+    # OpenAI's shape: [{"id", "type": "function", "function": {"name", "arguments"}}]
+    tool_calls: list[dict[str, Any]]
     error: dict[str, str] | None
     finish_reason: str | None
     viewers: int
     metadata: dict[str, str]
-    reasoning: str = ""
-    # OpenAI's shape: [{"id", "type": "function", "function": {"name", "arguments"}}]
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -101,6 +102,25 @@ class JobState:
         body = asdict(self)
         body["last_event_id"] = str(self.last_event_id)
         return body
+
+
+def assemble_tool_calls(fragments: list[str]) -> list[dict[str, Any]]:
+    """The calls that ``tool_call`` fragments (their events' data, in log order)
+    add up to, in order of their index's first fragment: OpenAI's
+    ``[{"id", "type": "function", "function": {"name", "arguments"}}]``."""
+    calls: dict[int, dict[str, Any]] = {}
+    arguments: dict[int, list[str]] = {}
+    for raw in fragments:
+        fragment = json.loads(raw)
+        index = fragment["index"]
+        if index not in calls:  # the writer made sure the first one has id and name
+            function = {"name": fragment["name"], "arguments": ""}
+            calls[index] = {"id": fragment["id"], "type": "function", "function": function}
+            arguments[index] = []
+        arguments[index].append(fragment["arguments"])
+    for index, call in calls.items():
+        call["function"]["arguments"] = "".join(arguments[index])
+    return list(calls.values())
 
 
 @dataclass(frozen=True)
@@ -155,6 +175,8 @@ class JobStore:
             tokens=0,
             last_event_id=0,
             text="",
+            reasoning="",
+            tool_calls=[],
             error=None,
             finish_reason=None,
             viewers=0,
@@ -167,7 +189,9 @@ class JobStore:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.hgetall(self.keys.job(job_id))
                 pipe.get(self.keys.text(job_id))
-                raw, text = await pipe.execute()
+                pipe.get(self.keys.reasoning(job_id))
+                pipe.lrange(self.keys.tool_calls(job_id), 0, -1)
+                raw, text, reasoning, fragments = await pipe.execute()
             if not raw:
                 raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
             viewers = await self.viewers.total(job_id)
@@ -184,6 +208,8 @@ class JobStore:
             tokens=int(raw.get("tokens", 0)),
             last_event_id=int(raw.get("last_event_id", 0)),
             text=text or "",
+            reasoning=reasoning or "",
+            tool_calls=assemble_tool_calls(fragments),
             error=error,
             finish_reason=raw.get("finish_reason"),
             viewers=viewers,

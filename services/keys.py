@@ -29,6 +29,14 @@ class Keys:
         """String: the text generated so far (APPENDed with each token)."""
         return f"{self.prefix}:{{{job_id}}}:text"
 
+    def reasoning(self, job_id: str) -> str:
+        """String: the reasoning generated so far (APPENDed with each reasoning event)."""
+        return f"{self.prefix}:{{{job_id}}}:reasoning"
+
+    def tool_calls(self, job_id: str) -> str:
+        """List: the data of every ``tool_call`` fragment, in log order (RPUSHed)."""
+        return f"{self.prefix}:{{{job_id}}}:tool_calls"
+
     def viewers(self, job_id: str) -> str:
         """Hash: node id → ``<open streams> <expiry ms>``."""
         return f"{self.prefix}:{{{job_id}}}:viewers"
@@ -46,6 +54,8 @@ class Keys:
             self.text(job_id),
             self.channel(job_id),
             self.viewers(job_id),
+            self.reasoning(job_id),
+            self.tool_calls(job_id),
         ]
 
     # The queue.

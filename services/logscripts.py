@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any
 
 from services.errors import Fenced, JobFinished, TokencastError, UnexpectedReply
-from services.events import CANCELLED, LUA_STATUSES, done_data
+from services.events import CANCELLED, LUA_KINDS, LUA_STATUSES, done_data
 
 # Shared by every script that writes a job's log. ``publish_command`` is bound
 # before it (see ``log_script``). Each published message carries the append
@@ -21,6 +21,7 @@ from services.events import CANCELLED, LUA_STATUSES, done_data
 LUA_LOG_LIB = """
 local job_key, log_key, text_key = KEYS[1], KEYS[2], KEYS[3]
 local channel_key, viewers_key = KEYS[4], KEYS[5]
+local reasoning_key, tool_calls_key = KEYS[6], KEYS[7]
 local clock = redis.call('TIME')
 local appended_ms = clock[1] .. string.format('%03d', math.floor(clock[2] / 1000))
 
@@ -28,15 +29,20 @@ local function append_event(name, data, piece)
   local last = redis.call('HINCRBY', job_key, 'last_event_id', 1)
   redis.call('XADD', log_key, last .. '-0', 'e', name, 'd', data)
   redis.call(publish_command, channel_key, last .. ' ' .. appended_ms .. ' ' .. name .. ' ' .. data)
-  if name == 'token' then
+  if name == TOKEN then
     redis.call('HINCRBY', job_key, 'tokens', 1)
     redis.call('APPEND', text_key, piece)
+  elseif name == REASONING then
+    redis.call('HINCRBY', job_key, 'reasoning_tokens', 1)
+    redis.call('APPEND', reasoning_key, piece)
+  elseif name == TOOL_CALL then
+    redis.call('RPUSH', tool_calls_key, data)  -- JobStore.get assembles the calls
   end
   return last
 end
 
 local function expire_job(ms)
-  for _, key in ipairs({job_key, log_key, text_key, viewers_key}) do
+  for _, key in ipairs({job_key, log_key, text_key, viewers_key, reasoning_key, tool_calls_key}) do
     redis.call('PEXPIRE', key, ms)
   end
 end
@@ -48,7 +54,7 @@ def log_script(body: str, *, cluster: bool) -> str:
     event goes to its job's shard only (where the hub SSUBSCRIBEs), PUBLISH on
     one server."""
     publish = "SPUBLISH" if cluster else "PUBLISH"
-    return f"local publish_command = '{publish}'\n" + LUA_STATUSES + LUA_LOG_LIB + body
+    return f"local publish_command = '{publish}'\n" + LUA_STATUSES + LUA_KINDS + LUA_LOG_LIB + body
 
 
 # ARGV: owner, expected last id, n, (name, data, text piece) * n, m, (field, value) * m,

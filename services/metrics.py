@@ -28,6 +28,11 @@ OPEN_STREAMS = Gauge(
 EVENTS_SENT = Counter(
     "tokencast_events_sent", "Events written to viewers (a merged token event counts once)"
 )
+EVENTS_APPENDED = Counter(
+    "tokencast_events_appended",
+    "Events written to job logs, by kind (every custom event counts as kind event)",
+    ["kind"],
+)
 BYTES_SENT = Counter("tokencast_bytes_sent", "Bytes of event streams written to viewers")
 RESUMES = Counter("tokencast_resumes", "Streams opened with a Last-Event-ID after event 0")
 CATCH_UPS = Counter(

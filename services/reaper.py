@@ -23,7 +23,7 @@ from services.jobs import now_iso
 from services.keys import Keys
 from services.logs import job_scope
 from services.queue import JobQueue, TakenOver
-from services.redisconn import Redis, raise_lost_cancel
+from services.redisconn import Redis, broker_errors, raise_lost_cancel
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ class Reaper:
         taken = await self.queue.takeover(job_id, self.owner, self.lease_s, broker_back_ms)
         if taken is None:
             return 0
-        if not taken.cancel_requested and taken.tokens == 0 and taken.attempts < MAX_ATTEMPTS:
+        nothing_sent = taken.last_event_id <= 1  # at most its start: a retry repeats nothing
+        if not taken.cancel_requested and nothing_sent and taken.attempts < MAX_ATTEMPTS:
             log.warning("job %s: worker lost before any token, retrying", job_id)
             await self.queue.requeue(job_id, self.owner)
         else:
@@ -88,6 +89,7 @@ class Reaper:
             retention_s=self.retention_s,
             last_id=taken.last_event_id,
             tokens=taken.tokens,
+            reasoning_tokens=await self._reasoning_tokens(job_id),
         )
         try:
             if taken.cancel_requested:
@@ -97,3 +99,9 @@ class Reaper:
                 await writer.finish(FAILED, None, WORKER_LOST, finished_at=now_iso())
         except (Fenced, JobFinished):
             pass  # someone else settled it meanwhile
+
+    async def _reasoning_tokens(self, job_id: str) -> int:
+        """The job's count of reasoning events, for its ``done`` (it owns the job now)."""
+        with broker_errors():
+            count = await self.redis.hget(self.keys.job(job_id), "reasoning_tokens")
+        return int(count or 0)

@@ -3,17 +3,20 @@
 A viewer sends history from the log, then live events from the hub; both
 sources overlap and the live one may skip ids (after an overflow or a broker
 reconnect). ``next_run`` picks out exactly the events to send next, and
-``coalesce`` merges consecutive tokens for a viewer that is behind.
+``coalesce`` merges consecutive tokens (and reasoning, and fragments of one
+tool call) for a viewer that is behind.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
+from typing import Any
 
-from services.events import TOKEN, Event, token_data
+from services.events import KINDS, TOOL_CALL, Event, Merge, token_data, tool_call_data
 
 MAX_EVENT_ID_DIGITS = 19
+# How each kind of event that merges does so; the others never merge.
+MERGES = {name: kind.merge for name, kind in KINDS.items() if kind.merge is not Merge.NEVER}
 
 
 class InvalidLastEventId(ValueError):
@@ -55,35 +58,56 @@ def next_run(events: Iterable[Event], sent: int) -> tuple[list[Event], bool]:
     return run, False
 
 
-def token_text(event: Event) -> str:
-    text: str = json.loads(event.data)["text"]
-    return text
+def coalesce(
+    events: list[Event], payload_of: Callable[[Event], dict[str, Any]] = Event.payload
+) -> list[Event]:
+    """Merge each run of consecutive events that merge (``services.events.KINDS``).
 
-
-def coalesce(events: list[Event], text_of: Callable[[Event], str] = token_text) -> list[Event]:
-    """Merge each run of consecutive ``token`` events into one.
-
-    A merged event carries the last merged id, the concatenated text and
-    ``first_id``, the id of the first event it merged. Single tokens and
-    other events pass through unchanged. ``text_of`` gives a token's text
-    (a caller that parsed the texts already passes its own).
+    ``token`` and ``reasoning`` runs merge by kind, ``tool_call`` fragments
+    while they keep one ``index``; events of different names never merge.
+    A merged event carries the last merged id, the concatenated text (or
+    arguments, with the ``id`` and ``name`` of its first fragment, if that
+    one has them) and ``first_id``, the id of the first event it merged.
+    Single events and events that never merge pass through unchanged.
+    ``payload_of`` gives an event's data (a caller that parsed them already
+    passes its own).
     """
     merged: list[Event] = []
     run: list[Event] = []
+    run_key: object = None
 
     def flush() -> None:
         if len(run) == 1:
             merged.append(run[0])
         elif run:
-            text = "".join(text_of(event) for event in run)
-            merged.append(Event(run[-1].id, TOKEN, token_data(text, first_id=run[0].id)))
+            merged.append(merge_run(run, payload_of))
         run.clear()
 
     for event in events:
-        if event.name == TOKEN:
-            run.append(event)
-        else:
+        merge = MERGES.get(event.name)
+        if merge is None:
             flush()
             merged.append(event)
+            continue
+        key = event.name if merge is Merge.RUN else payload_of(event)["index"]
+        if run and key != run_key:
+            flush()
+        run_key = key
+        run.append(event)
     flush()
     return merged
+
+
+def merge_run(run: list[Event], payload_of: Callable[[Event], dict[str, Any]]) -> Event:
+    """One event standing for ``run`` (two or more events that merge)."""
+    first = run[0]
+    if first.name == TOOL_CALL:
+        head = payload_of(first)
+        arguments = "".join(payload_of(event)["arguments"] for event in run)
+        data = tool_call_data(
+            head["index"], arguments, head.get("id"), head.get("name"), first_id=first.id
+        )
+    else:
+        text = "".join(payload_of(event)["text"] for event in run)
+        data = token_data(text, first_id=first.id)
+    return Event(run[-1].id, first.name, data)

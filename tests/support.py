@@ -15,6 +15,7 @@ import httpx_sse
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
 from deploy.local.cluster import ROOT, Process, RedisServer, free_port, http_status, wait_until
+from services.items import TOKEN, Text
 
 __all__ = ["ROOT", "Process", "RedisServer", "free_port", "http_status", "wait_until"]
 
@@ -62,6 +63,11 @@ class Cluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def token_items(texts: list[str]) -> list[Text]:
+    """Answer texts as the items a job's writer appends."""
+    return [Text(TOKEN, text) for text in texts]
 
 
 def redis_available(port: int = 6379) -> bool:
@@ -147,7 +153,8 @@ async def aread_stream(
 
 
 def create_job(base_url: str, **body) -> str:
-    body.setdefault("prompt", "hello from the tests")
+    if "messages" not in body:
+        body.setdefault("prompt", "hello from the tests")
     response = httpx.post(f"{base_url}/v1/jobs", json=body, timeout=10)
     assert response.status_code == 201, response.text
     return str(response.json()["id"])

@@ -20,11 +20,20 @@ MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 
 
+class DemoToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, StringConstraints(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    arguments: dict[str, Any]
+
+
 class DemoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     tokens_per_second: float = Field(20.0, ge=0, le=10_000, allow_inf_nan=False)
     fail_after: int | None = Field(None, ge=0)
+    reasoning_tokens: int = Field(0, ge=0, le=4_096)
+    tool_call: DemoToolCall | None = None
 
 
 # A conversation in OpenAI's chat format. Fields OpenAI defines that tokencast
@@ -159,9 +168,16 @@ RULES = {
         "an object of at most 16 entries, with keys of 1 to 64 characters"
         " and string values of at most 512 characters"
     ),
-    "demo": "an object with the demo model's options (tokens_per_second, fail_after)",
+    "demo": (
+        "an object with the demo model's options"
+        " (tokens_per_second, fail_after, reasoning_tokens, tool_call)"
+    ),
     "demo.tokens_per_second": "a number from 0 to 10,000",
     "demo.fail_after": "an integer of at least 0",
+    "demo.reasoning_tokens": "an integer from 0 to 4,096",
+    "demo.tool_call": ('an object such as {"name": "get_weather", "arguments": {"city": "Paris"}}'),
+    "demo.tool_call.name": "1 to 64 characters of a-z, A-Z, 0-9, _ and -",
+    "demo.tool_call.arguments": "an object (the call's arguments)",
 }
 
 
@@ -242,6 +258,13 @@ def validate_job(body: dict[str, Any]) -> JobRequest:
                 "messages",
                 f"messages must have at most {MAX_MESSAGES_TEXT:,} characters of text"
                 f" in all (got {text:,})",
+            )
+    demo_call = job.demo.tool_call if job.demo else None
+    if demo_call is not None and job.tools is not None:
+        if demo_call.name not in {tool.function.name for tool in job.tools}:
+            raise InvalidField(
+                "demo.tool_call.name",
+                f"demo.tool_call.name names the function {demo_call.name!r}, which is not in tools",
             )
     if isinstance(job.tool_choice, NamedToolChoice):
         name = job.tool_choice.function.name

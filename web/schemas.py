@@ -50,6 +50,17 @@ class JobError(BaseModel):
     message: str
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="The concatenated arguments so far; whole JSON once done")
+
+
+class ToolCallBody(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class JobStateBody(BaseModel):
     id: str
     status: Status
@@ -60,8 +71,12 @@ class JobStateBody(BaseModel):
     tokens: int
     last_event_id: str
     text: str = Field(description="The whole text generated so far")
+    reasoning: str = Field(description="The reasoning generated so far, or an empty string")
+    tool_calls: list[ToolCallBody] = Field(
+        description="The calls assembled from the tool_call events so far (empty when none)"
+    )
     error: JobError | None
-    finish_reason: Literal["stop", "length", "cancelled"] | None
+    finish_reason: Literal["stop", "length", "tool_calls", "cancelled"] | None
     viewers: int = Field(description="Event streams open on this job, across every web node")
     metadata: dict[str, str]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import cast
 
 from prometheus_client import start_http_server
 
@@ -25,7 +24,7 @@ def backends_for(settings: Settings) -> dict[str, Backend]:
 
         # Its generations yield items and end with Finish (services.items), where
         # Backend still describes text with a finish_reason attribute.
-        upstream = cast(Backend, OpenAIBackend(settings))
+        upstream = OpenAIBackend(settings)
         backends.update((name, upstream) for name in upstream.models())
     demo = DemoBackend()
     backends.update((name, demo) for name in demo.models())

@@ -27,7 +27,7 @@ from services.logs import set_job_id
 from services.queue import RENEW_FRACTION, Claim, JobQueue, NotStarted, Started
 from services.reaper import Reaper
 from services.redisconn import Redis, broker_errors, raise_lost_cancel
-from worker.backends.base import Backend, close_backends
+from worker.backends.base import Backend, Job, close_backends
 from worker.generate import pump
 
 log = logging.getLogger(__name__)
@@ -173,9 +173,9 @@ class Worker:
         job_id = claim.job_id
         with broker_errors():
             fields: list[str] = await self.redis.hmget(  # type: ignore[assignment]
-                self.keys.job(job_id), ["spec", "created_at"]
+                self.keys.job(job_id), ["spec", "created_at", "reasoning_tokens"]
             )
-        raw_spec, created_at = fields
+        raw_spec, created_at, reasoning_tokens = fields
         spec = JobSpec.from_json(raw_spec)
         writer = JobWriter(
             self.appender,
@@ -185,18 +185,20 @@ class Worker:
             retention_s=self.settings.retention_s,
             last_id=started.last_event_id,
             tokens=started.tokens,
+            reasoning_tokens=int(reasoning_tokens or 0),
             retry_s=math.inf,  # an outage fails no job: wait for the broker
         )
         if started.last_event_id == 0:  # a retried job keeps its one start event
             await writer.start(spec.model, created_at)
         backend = self.backends.get(spec.model)
-        generation = backend.generate(spec) if backend else None
         try:
-            if generation is None:
+            if backend is None:
                 raise BackendError(f"no backend serves model {spec.model!r}")
-            gen_task = asyncio.create_task(pump(generation, writer))
+            generation = backend.generate(Job.from_spec(job_id, spec))
+            source = f"the backend of model {spec.model!r}"
+            gen_task = asyncio.create_task(pump(generation, writer, source))
             await self._supervise(gen_task, job_id, owner)
-            await writer.finish(COMPLETED, generation.finish_reason, finished_at=now_iso())
+            await writer.finish(COMPLETED, gen_task.result(), finished_at=now_iso())
         except _CancelledByUser:
             await writer.finish(CANCELLED, CANCELLED, finished_at=now_iso())
         except BackendError as exc:
@@ -215,13 +217,14 @@ class Worker:
         await self.queue.settle(job_id, claim.entry_id)
 
     async def _hand_back(self, claim: Claim, writer: JobWriter) -> None:
-        """Shutting down with a job unfinished: requeue it if it sent no token
-        (another worker continues its log), else end it now rather than leave
-        its viewers waiting for the lease to expire. The broker is waited for
-        ``HAND_BACK_TIMEOUT_S`` at most: then the lease decides."""
+        """Shutting down with a job unfinished: requeue it if it sent nothing
+        but its start (another worker continues its log), else end it now
+        rather than leave its viewers waiting for the lease to expire. The
+        broker is waited for ``HAND_BACK_TIMEOUT_S`` at most: then the lease
+        decides."""
         try:
             async with asyncio.timeout(HAND_BACK_TIMEOUT_S):
-                if writer.tokens == 0:
+                if writer.last_id <= 1:
                     log.info("job %s: handed back to the queue", claim.job_id)
                     await self.queue.requeue(claim.job_id, writer.owner)
                 else:

@@ -28,6 +28,7 @@ from services.jobs import new_job_id, now_iso
 from services.keys import Keys
 from services.redisconn import connect
 from services.runtime import tune_gc
+from tests.support import token_items
 from worker.generate import pump
 
 OWNER = "bench-publisher"
@@ -103,7 +104,7 @@ class Publisher:
             self.writers.append(writer)
         if spec.mode == "history":
             for writer in self.writers:
-                await pump(unpaced(spec.tokens), writer)
+                await pump(unpaced(spec.tokens), writer, "the bench")
                 await writer.finish(COMPLETED, "stop", finished_at=now_iso())
         return [writer.job_id for writer in self.writers]
 
@@ -120,7 +121,7 @@ class Publisher:
             await self._windowed(self.writers[0], spec)
         elif spec.mode == "one":
             for writer in self.writers:
-                await writer.append_tokens([stamp()])
+                await writer.append(token_items([stamp()]))
                 await writer.finish(COMPLETED, "stop", finished_at=now_iso())
         elapsed = time.time() - started
         return {
@@ -132,11 +133,11 @@ class Publisher:
 
     async def _paced(self, writer: JobWriter, spec: PublishSpec, offset_s: float) -> None:
         await asyncio.sleep(offset_s)
-        await pump(paced(spec.tokens, spec.rate), writer)
+        await pump(paced(spec.tokens, spec.rate), writer, "the bench")
         await writer.finish(COMPLETED, "stop", finished_at=now_iso())
 
     async def _windowed(self, writer: JobWriter, spec: PublishSpec) -> None:
-        await pump(self._within_window(spec), writer)
+        await pump(self._within_window(spec), writer, "the bench")
         await writer.finish(COMPLETED, "stop", finished_at=now_iso())
 
     async def _within_window(self, spec: PublishSpec) -> AsyncIterator[str]:

@@ -25,9 +25,7 @@ TOOLS = [
 ARGUMENTS = {"city": "Paris <img src=x onerror=alert(1)>", "unit": "celsius"}
 
 
-def test_reasoning_text_and_a_tool_call_survive_a_web_node_restart(
-    browser, redis_url, screenshots
-):
+def test_reasoning_text_and_a_tool_call_survive_a_web_node_restart(browser, redis_url, screenshots):
     cluster = Cluster(redis_url)
     context = browser.new_context()
     try:

@@ -18,6 +18,7 @@ from services.hub import Hub
 from services.jobs import JobStore, now_iso
 from services.keys import Keys
 from services.redisconn import RedisBroker, connect
+from tests.support import token_items
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,7 +138,7 @@ def live(batch: Batch) -> bool:
 
 async def write_tokens(writer: JobWriter, tokens: list[str], batch: int = 1, pause: float = 0):
     for i in range(0, len(tokens), batch):
-        await writer.append_tokens(tokens[i : i + batch])
+        await writer.append(token_items(tokens[i : i + batch]))
         if pause:
             await asyncio.sleep(pause)
 
@@ -168,10 +169,10 @@ async def test_event_published_between_history_read_and_live_is_delivered_once(r
     async with Harness(redis_url, keys) as h:
         writer = await bare_job(h.redis, keys, "race-job")
         await writer.start("demo", now_iso())
-        await writer.append_tokens(["a", "b"])
+        await writer.append(token_items(["a", "b"]))
 
         async def produce() -> None:
-            await writer.append_tokens(["RACE"])
+            await writer.append(token_items(["RACE"]))
             await writer.finish(COMPLETED, "stop", finished_at=now_iso())
 
         log = AppendsDuringFirstRead(h.redis, keys, produce)
@@ -192,7 +193,7 @@ async def test_event_both_in_history_and_buffer_is_sent_once(redis_url, keys):
         probe = await h.hub.attach("dup-job")  # shares the job's live buffer
         try:
             await writer.start("demo", now_iso())
-            await writer.append_tokens(["x", "y"])
+            await writer.append(token_items(["x", "y"]))
             # Published after the subscription, before the log is read: in both.
             await eventually(lambda: [e.id for e in probe.take(0)] == [1, 2, 3])
             history = await asyncio.wait_for(session.next(), 5)
@@ -356,7 +357,7 @@ async def test_an_idle_pubsub_connection_outlives_the_socket_timeout(redis_url, 
             await asyncio.sleep(1.0)  # five socket timeouts without a message
             assert h.hub.healthy()
             assert metrics.PUBSUB_RECONNECTS._value.get() == reconnects_before
-            await writer.append_tokens([" still live"])
+            await writer.append(token_items([" still live"]))
             batch = await asyncio.wait_for(session.next(), 2)
             assert isinstance(batch, Batch)
             assert [(e.id, e.payload()["text"]) for e in batch.events] == [(2, " still live")]
@@ -391,7 +392,7 @@ async def test_log_lost_when_the_broker_forgets_the_job(own_redis, keys):
     async with Harness(own_redis.url, keys) as h:
         writer = await bare_job(h.redis, keys, "lost-job")
         await writer.start("demo", now_iso())
-        await writer.append_tokens(["a", "b", "c"])
+        await writer.append(token_items(["a", "b", "c"]))
         lost_before = metrics.LOGS_LOST._value.get()
         batches: list[Batch] = []
         watching = asyncio.create_task(h.watch("lost-job", batches=batches))
@@ -407,6 +408,7 @@ async def test_log_lost_when_the_broker_forgets_the_job(own_redis, keys):
             "status": "failed",
             "finish_reason": None,
             "tokens": 3,
+            "reasoning_tokens": 0,
             "error": {
                 "code": "log_lost",
                 "message": "the broker lost this job's events (it restarted without persistence)",
@@ -418,10 +420,10 @@ async def test_a_retried_append_is_applied_once_and_a_stale_writer_is_fenced(red
     async with Harness(redis_url, keys) as h:
         writer = await bare_job(h.redis, keys, "idem-job")
         await writer.start("demo", now_iso())
-        await writer.append_tokens(["a", "b"])
+        await writer.append(token_items(["a", "b"]))
         # The same call again, as after a reply lost to a dropped connection.
         writer.last_id = 1
-        result = await writer.append_tokens(["a", "b"])
+        result = await writer.append(token_items(["a", "b"]))
         assert result.last_id == 3
         events = await h.log.read("idem-job", 0)
         assert [e.id for e in events] == [1, 2, 3]
@@ -429,10 +431,10 @@ async def test_a_retried_append_is_applied_once_and_a_stale_writer_is_fenced(red
         # A writer whose idea of the log is behind (another writer moved it on) is refused.
         stale = JobWriter(LogAppender(h.redis), keys, "idem-job", OWNER, retention_s=60, last_id=1)
         with pytest.raises(Fenced, match="moved on"):
-            await stale.append_tokens(["x"])
+            await stale.append(token_items(["x"]))
         other = JobWriter(
             LogAppender(h.redis), keys, "idem-job", "someone-else", retention_s=60, last_id=3
         )
         with pytest.raises(Fenced, match="another writer owns"):
-            await other.append_tokens(["x"])
+            await other.append(token_items(["x"]))
         assert [e.id for e in await h.log.read("idem-job", 0)] == [1, 2, 3]

@@ -69,7 +69,12 @@ async def test_cancelling_a_queued_job_ends_its_log_and_keys_expire(redis, keys,
     assert (state.status, state.finish_reason, state.last_event_id) == ("cancelled", "cancelled", 1)
     [done] = await EventLog(redis, keys).read(claim.job_id, 0)
     assert (done.id, done.name) == (1, "done")
-    assert done.payload() == {"status": "cancelled", "finish_reason": "cancelled", "tokens": 0}
+    assert done.payload() == {
+        "status": "cancelled",
+        "finish_reason": "cancelled",
+        "tokens": 0,
+        "reasoning_tokens": 0,
+    }
     for key in (keys.job(claim.job_id), keys.log(claim.job_id)):
         assert 0 < await redis.pttl(key) <= RETENTION_S * 1000
     with pytest.raises(JobFinished, match=f"^job {claim.job_id} has already finished$"):

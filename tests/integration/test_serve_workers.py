@@ -19,7 +19,7 @@ from services.events import COMPLETED
 from services.jobs import new_job_id, now_iso
 from services.keys import Keys
 from tests.integration.test_hub import bare_job
-from tests.support import Cluster, Process, free_port, wait_until
+from tests.support import Cluster, Process, free_port, token_items, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -136,7 +136,7 @@ async def test_two_processes_share_the_port_and_both_serve_streams(cluster, redi
     async with httpx.AsyncClient(base_url=parent.url, timeout=30, limits=limits) as client:
         streams = await open_until_both_nodes_count(client, redis, keys, job_id)
         for i in range(20):
-            await writer.append_tokens([f" t{i}"])
+            await writer.append(token_items([f" t{i}"]))
         await writer.finish(COMPLETED, "stop", finished_at=now_iso())
         await asyncio.wait_for(asyncio.gather(*(s.task for s in streams)), 20)
     for stream in streams:

@@ -48,6 +48,7 @@ def test_stream_headers_retry_line_and_complete_event_sequence(node):
         "status": "completed",
         "finish_reason": got.done["finish_reason"],
         "tokens": state["tokens"],
+        "reasoning_tokens": 0,
     }
     assert state["status"] == "completed"
     assert state["last_event_id"] == str(state["tokens"] + 2)
@@ -194,6 +195,7 @@ def test_cancel_ends_the_stream_within_250_ms(node):
         "status": "cancelled",
         "finish_reason": "cancelled",
         "tokens": state["tokens"],
+        "reasoning_tokens": 0,
     }
     again = httpx.delete(f"{url}/v1/jobs/{job_id}")
     assert again.status_code == 409
@@ -214,6 +216,7 @@ def test_fail_after_ends_with_backend_error(node):
         "status": "failed",
         "finish_reason": None,
         "tokens": 4,
+        "reasoning_tokens": 0,
         "error": expected_error,
     }
     assert state["status"] == "failed"
@@ -240,7 +243,16 @@ def test_keepalive_comment_while_nothing_happens(redis_url):
         assert httpx.delete(f"{web.url}/v1/jobs/{job_id}").status_code == 202
         got = read_stream(web.url, job_id)
         assert got.events == [
-            (1, "done", {"status": "cancelled", "finish_reason": "cancelled", "tokens": 0})
+            (
+                1,
+                "done",
+                {
+                    "status": "cancelled",
+                    "finish_reason": "cancelled",
+                    "tokens": 0,
+                    "reasoning_tokens": 0,
+                },
+            )
         ]
     finally:
         cluster.close()

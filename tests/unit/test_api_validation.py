@@ -361,3 +361,86 @@ async def test_bad_conversations_name_the_message_and_field(client, body, param,
 async def test_good_conversations_are_accepted(client, body):
     status, got = await post(client, json.dumps(body))
     assert status == 201, got
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize(
+    ("demo", "tools", "field", "message"),
+    [
+        (
+            {"reasoning_tokens": 4097},
+            None,
+            "demo.reasoning_tokens",
+            "demo.reasoning_tokens must be an integer from 0 to 4,096",
+        ),
+        (
+            {"reasoning_tokens": -1},
+            None,
+            "demo.reasoning_tokens",
+            "demo.reasoning_tokens must be an integer from 0 to 4,096",
+        ),
+        (
+            {"reasoning_tokens": 1.5},
+            None,
+            "demo.reasoning_tokens",
+            "demo.reasoning_tokens must be an integer from 0 to 4,096",
+        ),
+        (
+            {"tool_call": "get_weather"},
+            None,
+            "demo.tool_call",
+            'demo.tool_call must be an object such as {"name": "get_weather",'
+            ' "arguments": {"city": "Paris"}}',
+        ),
+        (
+            {"tool_call": {"name": "get weather", "arguments": {}}},
+            None,
+            "demo.tool_call.name",
+            "demo.tool_call.name must be 1 to 64 characters of a-z, A-Z, 0-9, _ and -",
+        ),
+        (
+            {"tool_call": {"name": "get_weather", "arguments": "{}"}},
+            None,
+            "demo.tool_call.arguments",
+            "demo.tool_call.arguments must be an object (the call's arguments)",
+        ),
+        (
+            {"tool_call": {"name": "get_weather"}},
+            None,
+            "demo.tool_call.arguments",
+            "demo.tool_call.arguments is required",
+        ),
+        (
+            {"tool_call": {"name": "get_weather", "arguments": {}, "id": "x"}},
+            None,
+            "demo.tool_call.id",
+            "unknown field 'demo.tool_call.id'",
+        ),
+        (
+            {"tool_call": {"name": "get_time", "arguments": {}}},
+            [WEATHER],
+            "demo.tool_call.name",
+            "demo.tool_call.name names the function 'get_time', which is not in tools",
+        ),
+    ],
+)
+async def test_bad_demo_reasoning_and_tool_call_options(client, demo, tools, field, message):
+    body = {"prompt": "x", "demo": demo}
+    if tools is not None:
+        body["tools"] = tools
+    status, got = await post(client, json.dumps(body))
+    assert status == 400
+    assert got["error"]["message"] == message
+    assert got["error"]["param"] == field
+
+
+async def test_good_demo_reasoning_and_tool_call_options_are_accepted(client):
+    call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+    for body in (
+        {"prompt": "x", "demo": {"reasoning_tokens": 4096, "tool_call": call}},
+        {"prompt": "x", "tools": [WEATHER], "demo": {"reasoning_tokens": 0, "tool_call": call}},
+    ):
+        status, _ = await post(client, json.dumps(body))
+        assert status == 201, body

@@ -4,20 +4,22 @@ import pytest
 
 from services.errors import BackendError
 from services.jobs import JobSpec
+from worker.backends.base import Job
 from worker.backends.demo import DemoBackend, demo_tokens
 
 
-def spec(**kw) -> JobSpec:
+def spec(**kw) -> Job:
     kw.setdefault("prompt", "tell me about streams")
     kw.setdefault("model", "demo")
     kw.setdefault("demo", {"tokens_per_second": 0})
-    return JobSpec(**kw)
+    return Job.from_spec("job-1", JobSpec(**kw))
 
 
-async def generate(s: JobSpec) -> tuple[list[str], str]:
-    gen = DemoBackend().generate(s)
-    tokens = [t async for t in gen]
-    return tokens, gen.finish_reason
+async def generate(s: Job) -> tuple[list[str], str]:
+    """The answer's texts and the finish reason of the done item, which comes last."""
+    items = [item async for item in DemoBackend().generate(s)]
+    assert items[-1]["type"] == "done"
+    return items[:-1], items[-1]["finish_reason"]
 
 
 async def test_demo_is_a_pure_function_of_prompt_max_tokens_and_seed():
@@ -70,3 +72,36 @@ async def test_tokens_per_second_paces_the_stream():
     tokens, _ = await generate(spec(max_tokens=10, seed=5, demo={"tokens_per_second": 100}))
     elapsed = loop.time() - start
     assert elapsed >= (len(tokens) - 1) / 100
+
+
+async def test_reasoning_then_answer_then_a_tool_call_in_fragments():
+    call = {"name": "get_weather", "arguments": {"city": "Paris", "days": [1, 2]}}
+    job = spec(
+        max_tokens=12,
+        seed=4,
+        demo={"tokens_per_second": 0, "reasoning_tokens": 5, "tool_call": call},
+    )
+    items = [item async for item in DemoBackend().generate(job)]
+    kinds = [item["type"] if isinstance(item, dict) else "token" for item in items]
+    answer, _count, _finish = demo_tokens(job)
+    answer = list(answer)
+    fragments = [item for item, kind in zip(items, kinds, strict=True) if kind == "tool_call"]
+    assert kinds == ["reasoning"] * 5 + ["token"] * len(answer) + ["tool_call"] * len(fragments) + [
+        "done"
+    ]
+    assert items[5 : 5 + len(answer)] == answer
+    assert items[-1] == {"type": "done", "finish_reason": "tool_calls"}
+    assert len(fragments) == 3
+    assert fragments[0]["id"].startswith("call_") and fragments[0]["name"] == "get_weather"
+    assert all("id" not in f and "name" not in f and f["index"] == 0 for f in fragments[1:])
+    assert "".join(f["arguments"] for f in fragments) == '{"city": "Paris", "days": [1, 2]}'
+    # A pure function of the request: the same items again, call id included.
+    assert [item async for item in DemoBackend().generate(job)] == items
+    reasoning = "".join(item["text"] for item in items[:5])
+    assert reasoning[0].isupper() and len(reasoning.split()) == 5
+
+
+async def test_without_the_options_there_is_no_reasoning_and_no_call():
+    items = [item async for item in DemoBackend().generate(spec(max_tokens=5))]
+    assert all(isinstance(item, str) for item in items[:-1])
+    assert items[-1]["type"] == "done"

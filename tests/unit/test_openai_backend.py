@@ -9,7 +9,7 @@ from services.config import Settings
 from services.errors import BackendError, SettingsError
 from services.items import ToolCallFragment
 from services.jobs import JobSpec
-from worker.backends.base import close_backends
+from worker.backends.base import Job, close_backends
 from worker.backends.demo import DemoBackend
 from worker.backends.openai import OpenAIBackend
 from worker.main import backends_for
@@ -73,7 +73,9 @@ def backend(base_url: str = "http://127.0.0.1:8000/v1") -> OpenAIBackend:
 
 
 def test_the_upstream_request_of_a_prompt():
-    generation = backend().generate(JobSpec(prompt="hi", model="q", max_tokens=9))
+    generation = backend().generate(
+        Job.from_spec("job", JobSpec(prompt="hi", model="q", max_tokens=9))
+    )
     # temperature and seed are left to the upstream's defaults when the job sets none.
     assert generation.request == {
         "model": "qwen-plus",
@@ -90,7 +92,7 @@ def test_the_upstream_request_of_a_conversation_with_tools():
     ]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     spec = JobSpec(prompt=None, model="q", messages=messages, tools=tools, tool_choice="required")
-    assert backend().generate(spec).request == {
+    assert backend().generate(Job.from_spec("job", spec)).request == {
         "model": "qwen-plus",
         "messages": messages,
         "max_tokens": 256,
@@ -111,7 +113,11 @@ def test_the_upstream_request_of_a_conversation_with_tools():
     ],
 )
 def test_the_answer_is_bounded_by_the_field_the_server_takes(base_url, field):
-    request = backend(base_url).generate(JobSpec(prompt="hi", model="q", max_tokens=9)).request
+    request = (
+        backend(base_url)
+        .generate(Job.from_spec("job", JobSpec(prompt="hi", model="q", max_tokens=9)))
+        .request
+    )
     other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
     assert request[field] == 9
     assert other not in request
@@ -129,7 +135,7 @@ def call(index: int, **fields) -> dict:
 
 
 def test_a_first_fragment_without_an_id_gets_one():
-    generation = backend().generate(JobSpec(prompt="hi", model="q"))
+    generation = backend().generate(Job.from_spec("job", JobSpec(prompt="hi", model="q")))
     named = {"name": "get_weather", "arguments": '{"ci'}
     [fragment] = generation._items(upstream_chunk(tool_calls=[call(0, function=named)]))
     assert isinstance(fragment, ToolCallFragment)
@@ -158,7 +164,7 @@ def test_a_first_fragment_without_an_id_gets_one():
     ],
 )
 def test_a_tool_call_the_log_cannot_take_fails_the_job(fragment, why):
-    generation = backend().generate(JobSpec(prompt="hi", model="q"))
+    generation = backend().generate(Job.from_spec("job", JobSpec(prompt="hi", model="q")))
     with pytest.raises(BackendError) as raised:
         generation._items(upstream_chunk(tool_calls=[fragment]))
     assert raised.value.message.startswith(
@@ -167,7 +173,7 @@ def test_a_tool_call_the_log_cannot_take_fails_the_job(fragment, why):
 
 
 def test_reasoning_that_is_not_text_is_malformed():
-    generation = backend().generate(JobSpec(prompt="hi", model="q"))
+    generation = backend().generate(Job.from_spec("job", JobSpec(prompt="hi", model="q")))
     with pytest.raises(BackendError, match=r"sent a malformed chunk: .*\"reasoning\":7"):
         generation._items(upstream_chunk(reasoning=7))
 

@@ -142,6 +142,8 @@ def test_completion_of_a_cancelled_job():
         tokens=2,
         last_event_id=4,
         text="Hi there",
+        reasoning="",
+        tool_calls=[],
         error=None,
         finish_reason="cancelled",
         viewers=0,

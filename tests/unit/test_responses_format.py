@@ -324,8 +324,12 @@ def test_the_object_so_far():
 
 
 def test_reasoning_tokens_are_counted_from_the_log_when_done_does_not_say():
+    # A log written before done carried reasoning_tokens (a rolling upgrade).
     merged = Event(4, "reasoning", dumps({"text": "abc", "first_id": 2}))
-    blocks = encode([start(), merged, token(5, "x"), done(6, tokens=1)])
+    old_done = Event(
+        6, "done", dumps({"status": "completed", "finish_reason": "stop", "tokens": 1})
+    )
+    blocks = encode([start(), merged, token(5, "x"), old_done])
     usage = blocks[-1]["response"]["usage"]
     assert usage["output_tokens_details"] == {"reasoning_tokens": 3}
     assert usage["output_tokens"] == usage["total_tokens"] == 4

@@ -60,7 +60,7 @@ from services.items import (
     ToolCallFragment,
     parse_item,
 )
-from services.jobs import JobSpec
+from worker.backends.base import Job
 
 ATTEMPTS = 3
 BACKOFF_S = 0.25  # then doubled per attempt
@@ -109,22 +109,21 @@ class OpenAIBackend:
     def models(self) -> list[str]:
         return list(self.upstream_names)
 
-    def generate(self, spec: JobSpec) -> UpstreamGeneration:
-        messages = spec.messages or [{"role": "user", "content": spec.prompt}]
+    def generate(self, job: Job) -> UpstreamGeneration:
         request: dict[str, Any] = {
-            "model": self.upstream_names[spec.model],
-            "messages": messages,
-            self.token_limit_field: spec.max_tokens,
+            "model": self.upstream_names[job.model],
+            "messages": job.messages,
+            self.token_limit_field: job.max_tokens,
             "stream": True,
         }
-        if spec.tools is not None:
-            request["tools"] = spec.tools
-        if spec.tool_choice is not None:
-            request["tool_choice"] = spec.tool_choice
-        if spec.temperature is not None:
-            request["temperature"] = spec.temperature
-        if spec.seed is not None:
-            request["seed"] = spec.seed
+        if job.tools is not None:
+            request["tools"] = job.tools
+        if job.tool_choice is not None:
+            request["tool_choice"] = job.tool_choice
+        if job.temperature is not None:
+            request["temperature"] = job.temperature
+        if job.seed is not None:
+            request["seed"] = job.seed
         return UpstreamGeneration(self, request)
 
     async def aclose(self) -> None:
