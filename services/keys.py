@@ -61,6 +61,12 @@ class Keys:
         """Sorted set of running job ids (score: lease expiry, ms); an index for the reaper."""
         return f"{self.prefix}:{{queue}}:leases"
 
+    # Models.
+    def models(self) -> str:
+        """Sorted set: model name → expiry (ms) of the latest worker advertisement
+        of it (``services.catalog``)."""
+        return f"{self.prefix}:models"
+
     # Limits.
     def rate(self, subject: str, window: int) -> str:
         """Counter of jobs created by ``subject`` (a hashed API key or an address)

@@ -114,7 +114,7 @@ async def chat_completions() -> Response:
     require_api_key()
     await check_create_rate()
     chat, job = parse_chat(await read_json())
-    model = model_or_404(job.model)
+    model = await model_or_404(job.model)
     if isinstance(model, Response):
         return model
     spec = spec_from(job, model)
