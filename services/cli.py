@@ -37,6 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokencast: bad setting: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings)
+    try:
+        return _run_command(args, settings)
+    except SettingsError as exc:  # found while starting, e.g. a backend that cannot load
+        print(f"tokencast: bad setting: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_command(args: argparse.Namespace, settings: Settings) -> int:
     host = getattr(args, "host", None) or settings.host
     port = getattr(args, "port", None) or settings.port
     if args.command == "dev":

@@ -232,6 +232,12 @@ class Settings:
         doc="how long the upstream may fall silent mid-answer "
         "before the job fails with `upstream_timeout`",
     )
+    backends: tuple[str, ...] = setting(
+        "TOKENCAST_BACKENDS",
+        (),
+        doc="backends to load into every worker, each `module:attribute` (Writing a backend); "
+        "web nodes list their models from what workers advertise",
+    )
 
     DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 

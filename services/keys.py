@@ -83,6 +83,12 @@ class Keys:
         """String: written by ``/readyz``, on the shard that creating a job needs."""
         return f"{self.prefix}:{{queue}}:ready"
 
+    # Models.
+    def models(self) -> str:
+        """Sorted set: model name → expiry (ms) of the latest worker advertisement
+        of it (``services.catalog``)."""
+        return f"{self.prefix}:models"
+
     # Limits.
     def rate(self, subject: str, window: int) -> str:
         """Counter of jobs created by ``subject`` (a hashed API key or an address)

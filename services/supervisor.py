@@ -59,7 +59,7 @@ def serve_workers(settings: Settings, host: str, port: int, workers: int) -> int
     )
     with listen(host, port) as listener:
         fd = listener.fileno()
-        command = [sys.executable, "-m", "services.cli", "serve", "--fd", str(fd)]
+        command = [sys.executable, "-m", "tokencast_cli", "serve", "--fd", str(fd)]
         envs = [
             {
                 **os.environ,

@@ -44,11 +44,19 @@ def job_id_or_404(job_id: str) -> str:
     return job_id
 
 
-def model_or_404(requested: str | None) -> str | Response:
+async def models_listed() -> list[str]:
+    """What ``GET /v1/models`` lists: the configured models, then those
+    workers advertise (``services.catalog``)."""
+    configured = ctx().settings.models
+    advertised = await ctx().catalog.advertised()
+    return [*configured, *(name for name in advertised if name not in configured)]
+
+
+async def model_or_404(requested: str | None) -> str | Response:
     settings = ctx().settings
     model = requested or settings.default_model
-    if model not in settings.models:
-        listed = ", ".join(settings.models)
+    if model not in settings.models and model not in await ctx().catalog.advertised():
+        listed = ", ".join(await models_listed())
         return error_response(
             404,
             "model_not_found",
@@ -110,7 +118,7 @@ async def create_job() -> Response:
     require_api_key()
     await check_create_rate()
     req = validate_job(await read_json())
-    model = model_or_404(req.model)
+    model = await model_or_404(req.model)
     if isinstance(model, Response):
         return model
     spec = spec_from(req, model)
@@ -148,6 +156,6 @@ async def cancel_job(job_id: str) -> Response:
 async def list_models() -> Response:
     data = [
         {"id": name, "object": "model", "created": STARTED_AT, "owned_by": "tokencast"}
-        for name in ctx().settings.models
+        for name in await models_listed()
     ]
     return jsonify({"object": "list", "data": data})

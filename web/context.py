@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from quart import current_app
 
+from services.catalog import ModelCatalog
 from services.config import Settings
 from services.eventlog import EventLog
 from services.feed import Feed
@@ -38,8 +39,10 @@ class Context:
     draining: bool = False
     tasks: list[asyncio.Task] = field(default_factory=list)
     feed: Feed = field(init=False)
+    catalog: ModelCatalog = field(init=False)
 
     def __post_init__(self) -> None:
+        self.catalog = ModelCatalog(self.redis, self.keys)  # what workers serve, cached
         # One feed for the node: every stream shares it, and its finished-log cache.
         self.feed = Feed(
             self.hub,

@@ -139,7 +139,7 @@ async def create_job_for(
     With ``refuse``, a node that cannot serve the job's stream refuses before
     the job exists, so a retry elsewhere does not leave a twin.
     """
-    model = model_or_404(job.model)
+    model = await model_or_404(job.model)
     if isinstance(model, Response):
         return model
     spec = spec_from(job, model)

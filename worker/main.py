@@ -11,12 +11,18 @@ from services.config import Settings
 from services.redisconn import Broker
 from services.runtime import tune_gc
 from worker.backends.base import Backend
-from worker.backends.demo import DemoBackend
+from worker.backends.demo import MODEL, DemoBackend
+from worker.backends.plugin import load_backends
 from worker.runner import Worker
 
 
 def backends_for(settings: Settings) -> dict[str, Backend]:
-    """Model name → the backend that serves it: ``demo``, and the upstream models if configured."""
+    """Model name → the backend that serves it: ``demo``, the upstream models
+    if configured, and those of ``TOKENCAST_BACKENDS``.
+
+    Raises ``BackendLoadError`` (a ``SettingsError``) for a backend that
+    cannot be loaded, or that would serve a model already served.
+    """
     backends: dict[str, Backend] = {}
     if settings.upstream_base_url and settings.upstream_models:
         # Imported here: the SDK takes a noticeable part of a second to load.
@@ -28,14 +34,21 @@ def backends_for(settings: Settings) -> dict[str, Backend]:
         backends.update((name, upstream) for name in upstream.models())
     demo = DemoBackend()
     backends.update((name, demo) for name in demo.models())
+    served = {
+        name: "the demo backend" if name == MODEL else "TOKENCAST_UPSTREAM_MODELS"
+        for name in backends
+    }
+    for plugin in load_backends(settings.backends, served):
+        backends.update((name, plugin) for name in plugin.models())
     return backends
 
 
 def build_worker(settings: Settings, broker: Broker) -> Worker:
+    backends = backends_for(settings)  # first: a backend that cannot load stops the worker
     return Worker(
         broker.client(),
         settings,
-        backends_for(settings),
+        backends,
         blocking_reads=broker.blocking_reads,
     )
 

@@ -17,6 +17,7 @@ import secrets
 import time
 
 from services import metrics
+from services.catalog import ModelCatalog
 from services.config import Settings
 from services.errors import BackendError, BrokerUnavailable, Fenced, JobFinished
 from services.eventlog import JobWriter, LogAppender
@@ -26,7 +27,7 @@ from services.keys import Keys
 from services.logs import set_job_id
 from services.queue import RENEW_FRACTION, Claim, JobQueue, NotStarted, Started
 from services.reaper import Reaper
-from services.redisconn import Redis, broker_errors, raise_lost_cancel
+from services.redisconn import Redis, broker_errors, cancel_and_wait, raise_lost_cancel
 from worker.backends.base import Backend, Job, close_backends
 from worker.generate import pump
 
@@ -75,6 +76,7 @@ class Worker:
             lease_s=settings.lease_s,
             retention_s=settings.retention_s,
         )
+        self.catalog = ModelCatalog(redis, self.keys)  # web nodes list the models it serves
         self.running: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
 
@@ -82,15 +84,17 @@ class Worker:
         """Claim and run jobs until ``stop()``; then drain for ``drain_s``."""
         await self._ensure_group()
         reaper = asyncio.create_task(self.reaper.run(), name="reaper")
+        advertiser = asyncio.create_task(
+            self.catalog.advertise_forever(self.backends, self.settings.lease_s),
+            name="advertiser",
+        )
         log.info(
             "worker %s ready (%d jobs at once)", self.consumer, self.settings.worker_concurrency
         )
         try:
             await self._claim_loop()
         finally:
-            reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reaper
+            await cancel_and_wait([reaper, advertiser])
             await self._drain()
             await close_backends(self.backends.values())
 
