@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
@@ -41,11 +40,8 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def url(redis_url: str) -> Iterator[str]:
-    with Cluster(redis_url) as cluster:
-        web = cluster.web()
-        cluster.worker()
-        yield web.url
+def url(node: Cluster) -> str:
+    return node.procs[0].url
 
 
 def command(language: str, code: str, url: str) -> list[str] | None:
