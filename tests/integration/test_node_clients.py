@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.upstream import ANSWER, TEXT, WEATHER, FakeUpstream
+from tests.fakes.upstream import ANSWER, TEXT, THOUGHT, WEATHER, FakeUpstream
 from tests.integration.test_openai_upstream import NEEDS_KINDS
 from tests.support import ROOT, Cluster, Process, create_job, wait_finished
 
@@ -96,7 +96,7 @@ def test_the_openai_package_streams_a_demo_job_with_its_options(url):
 def test_the_openai_package_assembles_the_tool_call(url):
     result = chat(url, "call", tools=[WEATHER])
     call = {"id": CALL_ID, "name": "get_weather", "arguments": CALL_ARGUMENTS}
-    assert (result["text"], result["tool_calls"]) == (ANSWER, [call])
+    assert (result["reasoning"], result["text"], result["tool_calls"]) == (THOUGHT, ANSWER, [call])
     assert result["finish_reason"] == "tool_calls"
     assert result["final"] == {
         "content": ANSWER,
@@ -130,7 +130,7 @@ def test_the_ai_sdk_streams_a_demo_job_with_its_options(url):
 @NEEDS_KINDS
 def test_the_ai_sdk_reports_the_tool_call(url):
     result = run("ai_stream_text.mjs", url, "call", "How warm is it in Paris?")
-    assert result["text"] == ANSWER
+    assert (result["reasoning"], result["text"]) == (THOUGHT, ANSWER)
     call = {"id": CALL_ID, "name": "get_weather", "input": {"city": "Paris"}}
     assert (result["tool_calls"], result["finish_reason"]) == ([call], "tool-calls")
     assert "tool-call" in result["part_types"]

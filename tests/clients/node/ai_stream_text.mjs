@@ -31,8 +31,10 @@ const result = streamText({
 
 const parts = [];
 let streamed = "";
+let reasoning = "";
 for await (const part of result.fullStream) {
   if (part.type === "text-delta") streamed += part.text;
+  if (part.type === "reasoning-delta") reasoning += part.text;
   if (part.type === "error") throw part.error;
   parts.push(part.type);
 }
@@ -41,6 +43,7 @@ const response = await result.response;
 console.log(
   JSON.stringify({
     response_id: response.id,
+    reasoning,
     streamed_text: streamed,
     text: await result.text,
     tool_calls: toolCalls.map((c) => ({ id: c.toolCallId, name: c.toolName, input: c.input })),

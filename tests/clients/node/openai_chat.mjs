@@ -13,6 +13,7 @@ const { data: stream, response } = await client.chat.completions
   .create({ ...request, stream: true })
   .withResponse();
 let text = "";
+let reasoning = ""; // not in the package's types: reasoning models' own field
 const calls = [];
 let finishReason = null;
 const chunkIds = new Set();
@@ -21,6 +22,7 @@ for await (const chunk of stream) {
   const choice = chunk.choices[0];
   if (!choice) continue;
   text += choice.delta.content ?? "";
+  reasoning += choice.delta.reasoning_content ?? "";
   for (const fragment of choice.delta.tool_calls ?? []) {
     const call = (calls[fragment.index] ??= { id: "", name: "", arguments: "" });
     call.id ||= fragment.id ?? "";
@@ -39,6 +41,7 @@ console.log(
   JSON.stringify({
     job: response.headers.get("x-tokencast-job"),
     chunk_ids: [...chunkIds],
+    reasoning,
     text,
     tool_calls: calls,
     finish_reason: finishReason,
