@@ -1,21 +1,26 @@
 """A promoted replica that lacks a job's last events, simulated on one real
 Redis: the job's keys are saved (``DUMP``) as the replica last had them,
 the writer appends on, and the keys are put back (``RESTORE``) as the
-failover would leave them. The writer restores what was lost."""
+failover would leave them. The writer restores what was lost, and a viewer
+that had seen it waits for it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import pytest
 from redis.asyncio import Redis as RawRedis
 
 from services import eventlog
 from services.errors import Fenced
-from services.eventlog import EventLog, LogAppender
+from services.eventlog import EventLog, JobWriter, LogAppender
 from services.events import COMPLETED
 from services.keys import Keys
+from services.redisconn import connect
 from tests.integration.test_hub import bare_job
+from tests.support import Cluster, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,3 +122,94 @@ async def test_a_job_the_promoted_replica_never_had_fences_its_writer(redis, key
     await replica.promote()
     with pytest.raises(Fenced, match="the job does not exist"):
         await writer.append_tokens(["a"])
+
+
+async def read_events(
+    client: httpx.AsyncClient, job_id: str, last_event_id: int, texts: list[str] | None = None
+) -> list:
+    """One connection's events (id, name) and keepalive comments ("keepalive"),
+    to its end; the tokens' texts go to ``texts``."""
+    got: list = []
+    headers = {"Last-Event-ID": str(last_event_id)}
+    async with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+        assert response.status_code == 200
+        event_id = None
+        async for line in response.aiter_lines():
+            if line == ": keepalive":
+                got.append("keepalive")
+            elif line.startswith("id: "):
+                event_id = int(line[4:])
+            elif line.startswith("event: "):
+                got.append((event_id, line[7:]))
+            elif line.startswith("data: ") and got[-1][1] == "token" and texts is not None:
+                texts.append(json.loads(line[6:])["text"])
+    return got
+
+
+def reconnects(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("tokencast_pubsub_reconnects_total"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_a_viewer_past_the_log_end_right_after_a_failover_waits_for_the_restore(own_redis):
+    settings = {"broker_grace_seconds": "3", "keepalive_seconds": "0.5"}
+    with Cluster(own_redis.url, **settings) as cluster:
+        url = cluster.web().url
+        keys = Keys(cluster.prefix)
+        redis = connect(own_redis.url)
+        replica = ReplicaView(own_redis.url, keys, JOB)
+        try:
+            writer = await bare_job(redis, keys, JOB)
+            await writer.start("demo", STARTED_AT)
+            await writer.append_tokens(["a", "b"])
+            await replica.save()
+            await writer.append_tokens(["c", "d"])  # viewers saw up to event 5
+            await replica.promote()
+            async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+                await past_the_end_is_refused_without_a_failover(client)
+                # A viewer from the start, live when the pub/sub connection drops.
+                texts: list[str] = []
+                following = asyncio.create_task(read_events(client, JOB, 0, texts))
+                await lose_pubsub(own_redis, url)
+                await waits_then_gets_the_rest(client, writer)
+                events = [event for event in await following if event != "keepalive"]
+                assert events[-1] == (7, "done") and "".join(texts) == "abcde"
+        finally:
+            await replica.aclose()
+            await redis.aclose()
+
+
+async def past_the_end_is_refused_without_a_failover(client: httpx.AsyncClient) -> None:
+    answer = await client.get(f"/v1/jobs/{JOB}/events", headers={"Last-Event-ID": "5"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "invalid_last_event_id"
+
+
+async def lose_pubsub(own_redis, url: str) -> None:
+    """The node's pub/sub connection drops and comes back, as in a failover."""
+    before = reconnects(url)
+    await asyncio.to_thread(
+        wait_until, lambda: own_redis.cli("CLIENT", "KILL", "TYPE", "pubsub").strip() == "1", 10
+    )
+    await asyncio.to_thread(wait_until, lambda: reconnects(url) > before, 10, what="a reconnect")
+    await asyncio.to_thread(
+        wait_until, lambda: httpx.get(f"{url}/readyz").status_code == 200, 10, what="ready"
+    )
+
+
+async def waits_then_gets_the_rest(client: httpx.AsyncClient, writer: JobWriter) -> None:
+    waiting = asyncio.create_task(read_events(client, JOB, 5))
+    never_reached = asyncio.create_task(read_events(client, JOB, 50))
+    await asyncio.sleep(1.2)  # keepalives meanwhile (the log ends at 3)
+    await writer.append_tokens(["e"])  # restores 4 and 5, then appends 6
+    await writer.finish(COMPLETED, "stop", finished_at=STARTED_AT)
+    got = await waiting
+    assert "keepalive" in got
+    assert [event for event in got if event != "keepalive"] == [(6, "token"), (7, "done")]
+    # Past the grace, a position the log never reached ends the stream; the
+    # client's reconnect then gets the 400.
+    assert set(await never_reached) == {"keepalive"}
+    answer = await client.get(f"/v1/jobs/{JOB}/events", headers={"Last-Event-ID": "50"})
+    assert answer.status_code == 400
