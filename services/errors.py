@@ -8,6 +8,7 @@
     ├── RateLimited            a per-client limit reached (web: 429 + Retry-After)
     ├── JobFinished            the job already ended, e.g. cancel (web: 409)
     ├── Fenced                 this writer lost the job's lease; it must stop
+    │   └── LogBehind          the broker lost this writer's last events (a failover)
     ├── BackendError           a model backend failed; ``code`` goes in ``done``
     └── UnexpectedReply        a Redis script answered outside its protocol (a bug)
 
@@ -55,6 +56,16 @@ class JobFinished(TokencastError):
 
 class Fenced(TokencastError):
     """Another writer took this job over; the stale writer must not append."""
+
+
+class LogBehind(Fenced):
+    """The job's log ends at ``last_id``, below what its writer (still the
+    owner) appended: a promoted replica lacks the last events. The writer
+    restores them (``JobWriter``); any other caller stops, as when fenced."""
+
+    def __init__(self, last_id: int):
+        super().__init__(f"the log ends at event {last_id}, before this writer's last event")
+        self.last_id = last_id
 
 
 class BackendError(TokencastError):

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections import deque
+from collections.abc import Awaitable, Callable
+from itertools import islice
+from typing import Any, TypeVar
 
 from redis.exceptions import NoScriptError
 
 from services import metrics
-from services.errors import BrokerUnavailable
+from services.errors import BrokerUnavailable, Fenced, LogBehind
 from services.events import (
     DONE,
     REASONING,
@@ -45,20 +48,32 @@ from services.keys import Keys
 from services.logscripts import (
     APPEND_BODY,
     CANCEL_BODY,
+    RESTORE_BODY,
     AppendResult,
     CancelOutcome,
     append_args,
     cancel_args,
     decode_append,
     decode_cancel,
+    decode_restore,
     log_script,
+    restore_args,
 )
 from services.redisconn import Redis, broker_errors, is_cluster
 
 log = logging.getLogger(__name__)
 
+_Reply = TypeVar("_Reply")
+
 RETRY_MIN_S = 0.1
 RETRY_MAX_S = 1.0
+
+# A writer keeps its last this many events, to put back what a promoted
+# replica lacks. Replication normally lags by milliseconds; this covers
+# seconds of the fastest generations (25 s at 200 tokens/s) for about
+# 200 KB per running job. A log that lost more cannot be restored: the
+# writer stops as if fenced, and the job ends when its lease runs out.
+RESTORE_WINDOW = 5000
 
 
 class EventLog:
@@ -110,6 +125,9 @@ class LogAppender:
         self._cluster = is_cluster(redis)
         self._append_script = redis.register_script(log_script(APPEND_BODY, cluster=self._cluster))
         self._cancel_script = redis.register_script(log_script(CANCEL_BODY, cluster=self._cluster))
+        self._restore_script = redis.register_script(
+            log_script(RESTORE_BODY, cluster=self._cluster)
+        )
         self._queued: list[_Queued] = []
         self._sender: asyncio.Task | None = None
 
@@ -132,6 +150,12 @@ class LogAppender:
         owned by ``canceller``, its keys expiring after ``expire_ms``."""
         args = cancel_args(canceller, finished_at, expire_ms)
         return decode_cancel(await self._cancel_script(keys=keys, args=args))
+
+    async def restore(self, keys: list[str], args: list[str | int]) -> int:
+        """Put back, in the log of the job ``keys``, the events ``args``
+        (``restore_args``) hold; returns the log's last id. Raises ``Fenced``
+        or ``JobFinished`` when refused. Rare (after a failover): not pipelined."""
+        return decode_restore(await self._restore_script(keys=keys, args=args))
 
     async def _send_queued(self) -> None:
         batch: list[_Queued] = []
@@ -188,6 +212,11 @@ class JobWriter:
     A broker outage is retried for up to ``retry_s`` (appends are idempotent),
     then raised as ``BrokerUnavailable``. ``tokens`` and ``reasoning_tokens``
     count the job's ``token`` and ``reasoning`` events, for its ``done``.
+
+    A log that ends before this writer's last event (a promoted replica
+    lacked the last writes) gets those events back, the same ids and data,
+    before the next append goes on (``_restore``): within ``RESTORE_WINDOW``
+    events; past it the writer raises ``Fenced``.
     """
 
     def __init__(
@@ -214,6 +243,8 @@ class JobWriter:
         self.retry_s = retry_s
         # Each tool call's id and name, by index: given by its first fragment only.
         self._tool_calls: dict[int, tuple[str, str]] = {}
+        # The events this writer appended lately, the last one of id last_id.
+        self._recent: deque[tuple[str, str, str]] = deque(maxlen=RESTORE_WINDOW)
 
     async def start(self, model: str, created_at: str) -> AppendResult:
         return await self._append([(START, start_data(self.job_id, model, created_at), "")])
@@ -308,17 +339,41 @@ class JobWriter:
         expire_ms: int = 0,
     ) -> AppendResult:
         args = append_args(self.owner, self.last_id, events, fields or {}, expire_ms)
-        result = await self._call_with_retry(args)
+        while True:
+            try:
+                result = await self._call_with_retry(self.appender.append, args)
+                break
+            except LogBehind as behind:
+                await self._restore(behind.last_id)
         self.last_id = result.last_id
+        self._recent.extend(events)
         return result
 
-    async def _call_with_retry(self, args: list[str | int]) -> AppendResult:
+    async def _restore(self, log_last_id: int) -> None:
+        """Put back the events after ``log_last_id`` that this writer appended
+        and the log lost; raises ``Fenced`` when they are not all kept."""
+        first, last, kept = log_last_id + 1, self.last_id, len(self._recent)
+        if last - log_last_id > kept:
+            lost = f"the broker lost events {first} to {last}; this writer kept only {kept}"
+            log.error("job %s: %s", self.job_id, lost)
+            raise Fenced(lost)
+        log.warning(
+            "job %s: the broker lost events %d to %d; restoring them", self.job_id, first, last
+        )
+        events = list(islice(self._recent, kept - (last - log_last_id), None))
+        await self._call_with_retry(self.appender.restore, restore_args(self.owner, first, events))
+
+    async def _call_with_retry(
+        self,
+        call: Callable[[list[str], list[str | int]], Awaitable[_Reply]],
+        args: list[str | int],
+    ) -> _Reply:
         deadline = time.monotonic() + self.retry_s
         delay = RETRY_MIN_S
         while True:
             try:
                 with broker_errors():
-                    return await self.appender.append(self.keys.job_keys(self.job_id), args)
+                    return await call(self.keys.job_keys(self.job_id), args)
             except BrokerUnavailable:
                 if time.monotonic() + delay > deadline:
                     raise

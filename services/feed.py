@@ -94,10 +94,14 @@ class Feed:
         self.grace_s = grace_s
         self.stopping = stopping
 
-    async def open(self, job_id: str, after: int, finished: bool = False) -> FeedSession | None:
+    async def open(
+        self, job_id: str, after: int, finished: bool = False, ahead: bool = False
+    ) -> FeedSession | None:
         """Register a viewer with the hub (before any history is read), or
         ``None`` when the broker cannot be reached: the stream then ends and
-        the client reconnects."""
+        the client reconnects. ``ahead``: ``after`` is past the log's end
+        (right after a failover, its writer restores what the broker lost):
+        the session waits up to ``grace_s`` for the log to reach it, then ends."""
         try:
             viewer = await self.hub.attach(job_id)  # 1. subscribed: from here on, buffered
         except BrokerUnavailable as exc:
@@ -106,7 +110,17 @@ class Feed:
         metrics.OPEN_STREAMS.inc()
         if after:
             metrics.RESUMES.inc()
-        return FeedSession(self, viewer, after, finished)  # 2. replays the log, 3. then live
+        session = FeedSession(self, viewer, after, finished)  # 2. replays the log, 3. then live
+        if ahead:
+            session.ahead_until = time.monotonic() + self.grace_s
+        return session
+
+    async def log_reaches(self, job_id: str, event_id: int) -> bool:
+        """The job's log holds event ``event_id`` (``False`` when the broker cannot tell)."""
+        try:
+            return bool(await self.log.read(job_id, event_id - 1, 1))
+        except BrokerUnavailable:
+            return False
 
     async def read_log(
         self, job_id: str, sent: int, finished: bool = False
@@ -137,8 +151,9 @@ class FeedSession:
 
     A ``Batch``; or ``KEEPALIVE``, at most once per ``keepalive_s`` of quiet;
     or ``END``: after the terminal event, when the broker has been
-    unreachable for longer than ``grace_s``, or when the node shuts down (the
-    client then reconnects and resumes). ``close()`` must follow, whatever
+    unreachable for longer than ``grace_s``, when it opened past the log's
+    end and the log did not reach it within ``grace_s``, or when the node
+    shuts down (the client then reconnects and resumes). ``close()`` must follow, whatever
     happens.
 
     ``next()`` is a plain coroutine, not an async generator: a cancelled
@@ -155,6 +170,7 @@ class FeedSession:
         self.quiet_since = 0.0
         self._quiet_from_now()
         self.outage_since: float | None = None
+        self.ahead_until: float | None = None  # see ``Feed.open``
         self.ended = False
 
     def _quiet_from_now(self) -> None:
@@ -192,6 +208,10 @@ class FeedSession:
                     metrics.CATCH_UPS.inc()
                 elif feed.hub.disconnected_for(viewer.job_id) > feed.grace_s:
                     break
+                elif self.ahead_until and time.monotonic() > self.ahead_until:
+                    if not await feed.log_reaches(viewer.job_id, self.sent):
+                        break  # never restored: the client's reconnect gets the 400
+                    self.ahead_until = None
             if events:
                 batch = Batch(events, self.sent)
                 self._quiet_from_now()

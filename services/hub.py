@@ -78,6 +78,7 @@ class _Shard:
         # Set when a connection attempt failed or a connection dropped; a
         # shard still making its first connection is not "down".
         self.disconnected_at: float | None = None
+        self.back_at: float | None = None  # when it last reconnected after a loss
         self._pending: set[asyncio.Task] = set()  # (un)subscribe commands under way
         self.task = asyncio.create_task(self._read_loop(), name=f"hub-{name}")
 
@@ -113,6 +114,8 @@ class _Shard:
         # Connected first: a topic added while the others are being subscribed
         # sends its own subscribe (a duplicate subscribe is harmless).
         self.connected.set()
+        if self.disconnected_at is not None:
+            self.back_at = time.monotonic()
         self.disconnected_at = None
         subscribe = getattr(self._pubsub, self._subscribe)
         channels = [topic.channel for topic in self.topics.values()]
@@ -259,6 +262,14 @@ class Hub:
         shards = [self._shards[topic.shard_name]] if topic else list(self._shards.values())
         now = time.monotonic()
         return max((now - s.disconnected_at for s in shards if s.disconnected_at), default=0.0)
+
+    def back_within(self, seconds: float) -> bool:
+        """A pub/sub connection of this process came back from a loss (the
+        broker restarted or failed over) less than ``seconds`` ago."""
+        now = time.monotonic()
+        return any(
+            s.back_at is not None and now - s.back_at < seconds for s in self._shards.values()
+        )
 
     # Viewers.
 

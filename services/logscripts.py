@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from services.errors import Fenced, JobFinished, TokencastError, UnexpectedReply
+from services.errors import Fenced, JobFinished, LogBehind, TokencastError, UnexpectedReply
 from services.events import CANCELLED, LUA_KINDS, LUA_STATUSES, done_data
 
 # Shared by every script that writes a job's log. ``publish_command`` is bound
@@ -41,6 +41,16 @@ local function append_event(name, data, piece)
   return last
 end
 
+-- The n events (name, data, text piece) in ARGV from index i on, after id
+-- last; answers the new last id and the index past them.
+local function append_events(i, n, last)
+  for _ = 1, n do
+    last = append_event(ARGV[i], ARGV[i + 1], ARGV[i + 2])
+    i = i + 3
+  end
+  return last, i
+end
+
 local function expire_job(ms)
   for _, key in ipairs({job_key, log_key, text_key, viewers_key, reasoning_key, tool_calls_key}) do
     redis.call('PEXPIRE', key, ms)
@@ -58,7 +68,8 @@ def log_script(body: str, *, cluster: bool) -> str:
 
 
 # ARGV: owner, expected last id, n, (name, data, text piece) * n, m, (field, value) * m,
-# expire ms.  Answers {'appended', last event id, cancel flag} or a refusal {tag}.
+# expire ms.  Answers {'appended', last event id, cancel flag}, {'behind', last
+# event id} (the log lost events this owner wrote: see RESTORE_BODY) or a refusal {tag}.
 # Idempotent: a retried call whose first attempt landed (its reply was lost to
 # a dropped connection) finds the log already n events further and does nothing.
 APPEND_BODY = """
@@ -69,14 +80,10 @@ local current = tonumber(redis.call('HGET', job_key, 'last_event_id') or '0')
 if n > 0 and current == tonumber(ARGV[2]) + n then
   return {'appended', current, redis.call('HGET', job_key, 'cancel') or ''}
 end
+if current < tonumber(ARGV[2]) then return {'behind', current} end
 if current ~= tonumber(ARGV[2]) then return {'moved_on'} end
 if redis.call('HEXISTS', job_key, 'finished_at') == 1 then return {'finished'} end
-local last = current
-local i = 4
-for _ = 1, n do
-  last = append_event(ARGV[i], ARGV[i + 1], ARGV[i + 2])
-  i = i + 3
-end
+local last, i = append_events(4, n, current)
 local m = tonumber(ARGV[i])
 i = i + 1
 for _ = 1, m do
@@ -127,14 +134,55 @@ APPEND_REFUSALS: dict[str, tuple[type[TokencastError], str]] = {
 
 
 def decode_append(reply: Any) -> AppendResult:
-    """The append's result; raises ``Fenced`` or ``JobFinished`` for a refusal."""
+    """The append's result; raises ``Fenced`` or ``JobFinished`` for a
+    refusal, ``LogBehind`` when the log lost events this owner wrote."""
     match reply:
         case ["appended", last, cancel]:
             return AppendResult(int(last), cancel == "1")
+        case ["behind", last]:
+            raise LogBehind(int(last))
         case [refusal] if refusal in APPEND_REFUSALS:
             error, reason = APPEND_REFUSALS[refusal]
             raise error(reason)
     raise UnexpectedReply(f"the append script answered {reply!r}")
+
+
+# ARGV: owner, first id, n, (name, data, text piece) * n.  Puts back events
+# ``first id`` to ``first id + n - 1`` that the log lost (a promoted replica
+# lacked them) exactly as its owner first appended them, through the same
+# ``append_event``: the log, the counters and the text end up as if nothing had
+# been lost, and the events are published again (viewers drop ids they have).
+# Only onto a log that ends at ``first id - 1``; answers {'restored', last event
+# id} (also when a retried call already landed) or a refusal {tag}.
+RESTORE_BODY = """
+if redis.call('EXISTS', job_key) == 0 then return {'gone'} end
+if redis.call('HGET', job_key, 'owner') ~= ARGV[1] then return {'not_owner'} end
+if redis.call('HEXISTS', job_key, 'finished_at') == 1 then return {'finished'} end
+local first, n = tonumber(ARGV[2]), tonumber(ARGV[3])
+local current = tonumber(redis.call('HGET', job_key, 'last_event_id') or '0')
+if current == first - 1 + n then return {'restored', current} end
+if current ~= first - 1 then return {'moved_on'} end
+return {'restored', (append_events(4, n, current))}
+"""
+
+
+def restore_args(owner: str, first_id: int, events: list[tuple[str, str, str]]) -> list[str | int]:
+    """ARGV of the restore: ``events`` are (name, data, text piece), from id ``first_id`` on."""
+    args: list[str | int] = [owner, first_id, len(events)]
+    for event in events:
+        args.extend(event)
+    return args
+
+
+def decode_restore(reply: Any) -> int:
+    """The log's last id after the restore; raises ``Fenced`` or ``JobFinished`` for a refusal."""
+    match reply:
+        case ["restored", last]:
+            return int(last)
+        case [refusal] if refusal in APPEND_REFUSALS:
+            error, reason = APPEND_REFUSALS[refusal]
+            raise error(reason)
+    raise UnexpectedReply(f"the restore script answered {reply!r}")
 
 
 # ARGV: canceller, done data, finished_at, expire ms.  A queued job is ended here at once

@@ -45,7 +45,11 @@ async def job_events(job_id: str) -> Response:
     if refusal is not None:
         return refusal
     position = await context.store.position(job_id)
-    if after > position.last_event_id:
+    # Right after a failover the log may end before what viewers saw, until
+    # its writer restores it: such a viewer waits (``Feed.open``) instead.
+    ahead = after > position.last_event_id
+    grace_s = context.settings.broker_grace_s
+    if ahead and (position.finished or not context.hub.back_within(grace_s)):
         return error_response(
             400,
             "invalid_last_event_id",
@@ -61,7 +65,7 @@ async def job_events(job_id: str) -> Response:
     else:
         encoding, retry_ms = NATIVE_ENCODING, context.settings.retry_ms
     return stream_response(
-        event_stream(context, job_id, after, encoding, retry_ms, position.finished)
+        event_stream(context, job_id, after, encoding, retry_ms, position.finished, ahead=ahead)
     )
 
 
@@ -102,14 +106,18 @@ def event_stream(
     encoding: Encoding,
     retry_ms: int | None,
     finished: bool = False,
+    *,
+    ahead: bool = False,
 ) -> AsyncIterator[bytes]:
-    """The job's events after ``after``, in ``encoding``.
+    """The job's events after ``after``, in ``encoding``; ``ahead``: ``after``
+    is past the log's end (see ``Feed.open``).
 
     Opens with a ``retry:`` line unless ``retry_ms`` is ``None`` (the OpenAI
     format: its official client cannot parse a block without ``data``).
     """
     # Read now: the generator runs after the handler returns, outside the request.
-    return _event_stream(context, job_id, after, encoding, retry_ms, finished, client_address())
+    address = client_address()
+    return _event_stream(context, job_id, after, encoding, retry_ms, finished, ahead, address)
 
 
 async def _event_stream(
@@ -119,6 +127,7 @@ async def _event_stream(
     encoding: Encoding,
     retry_ms: int | None,
     finished: bool,
+    ahead: bool,
     address: str,
 ) -> AsyncIterator[bytes]:
     context.client_streams.opened(address)
@@ -127,7 +136,7 @@ async def _event_stream(
         if retry_ms is not None:
             yield retry_frame(retry_ms)
             raise_lost_cancel()
-        session = await context.feed.open(job_id, after, finished)
+        session = await context.feed.open(job_id, after, finished, ahead)
         while session is not None:
             step = await session.next()
             if isinstance(step, Batch):
