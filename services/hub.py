@@ -201,6 +201,7 @@ class Hub:
         broker: Broker,
         redis: Redis,
         keys: Keys,
+        counts: ViewerCounts,
         *,
         node_id: str,
         viewer_buffer: int,
@@ -212,7 +213,7 @@ class Hub:
         self.keys = keys
         self.node_id = node_id
         self.viewer_buffer = viewer_buffer
-        self._counts = ViewerCounts(redis, keys)
+        self._counts = counts
         self._topics: dict[str, Topic] = {}
         self._shards: dict[str, _Shard] = {}
         self._dirty: set[str] = set()

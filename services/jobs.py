@@ -111,14 +111,24 @@ class StreamPosition:
 class JobStore:
     """Creates, reads and cancels jobs."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, retention_s: float, max_queued_jobs: int):
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        queue: JobQueue,
+        viewers: ViewerCounts,
+        appender: LogAppender,  # for cancels: they end a queued job's log
+        *,
+        retention_s: float,
+        max_queued_jobs: int,
+    ):
         self.redis = redis
         self.keys = keys
         self.retention_s = retention_s
         self.max_queued_jobs = max_queued_jobs
-        self.queue = JobQueue(redis, keys)
-        self.viewers = ViewerCounts(redis, keys)
-        self.appender = LogAppender(redis)  # for cancels: they end a queued job's log
+        self.queue = queue
+        self.viewers = viewers
+        self.appender = appender
 
     async def create(self, spec: JobSpec) -> JobState:
         """Store a new job and queue it. Raises ``QueueFull`` past the queue limit."""
@@ -189,11 +199,19 @@ class JobStore:
 
     async def spec(self, job_id: str) -> JobSpec:
         """What the job asked for; raises ``JobNotFound``."""
+        spec, _created_at = await self.submitted(job_id)
+        return spec
+
+    async def submitted(self, job_id: str) -> tuple[JobSpec, str]:
+        """What the job asked for, and when (``created_at``); raises ``JobNotFound``."""
         with broker_errors():
-            raw: str | None = await self.redis.hget(self.keys.job(job_id), "spec")  # type: ignore[assignment]
-        if raw is None:
+            fields: list[str | None] = await self.redis.hmget(  # type: ignore[assignment]
+                self.keys.job(job_id), ["spec", "created_at"]
+            )
+        raw, created_at = fields
+        if raw is None or created_at is None:
             raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
-        return JobSpec.from_json(raw)
+        return JobSpec.from_json(raw), created_at
 
     async def exists(self, job_id: str) -> bool:
         with broker_errors():

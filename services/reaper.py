@@ -23,7 +23,7 @@ from services.jobs import now_iso
 from services.keys import Keys
 from services.logs import job_scope
 from services.queue import JobQueue, TakenOver
-from services.redisconn import Redis, raise_lost_cancel
+from services.redisconn import raise_lost_cancel
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +37,22 @@ WORKER_LOST = {
 
 
 class Reaper:
-    def __init__(self, redis: Redis, keys: Keys, *, owner: str, lease_s: float, retention_s: float):
-        self.redis = redis
+    def __init__(
+        self,
+        keys: Keys,
+        queue: JobQueue,
+        appender: LogAppender,
+        *,
+        owner: str,
+        lease_s: float,
+        retention_s: float,
+    ):
         self.keys = keys
         self.owner = owner
         self.lease_s = lease_s
         self.retention_s = retention_s
-        self.queue = JobQueue(redis, keys)
-        self.appender = LogAppender(redis)
+        self.queue = queue
+        self.appender = appender
 
     async def run(self) -> None:
         """Scan forever; broker outages are waited out."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from quart import current_app
 
 from services.config import Settings
+from services.core import Core, build_core
 from services.eventlog import EventLog
 from services.feed import Feed
 from services.history import FinishedLogs
@@ -15,21 +16,24 @@ from services.hub import Hub
 from services.jobs import JobStore
 from services.keys import Keys
 from services.limits import StreamsPerClient
-from services.reaper import Reaper
 from services.redisconn import Broker, ReadyProbe, Redis, cancel_and_wait
 from services.viewer_tokens import ViewerTokens
 
 
 @dataclass
 class Context:
+    """The web tier's objects over the process's ``core``.
+
+    A context that ``owns_core`` (a web node) runs the core's reaper and
+    closes its client on ``stop()``; under ``tokencast dev`` the composition
+    root owns the core it shares with the worker, which runs the reaper.
+    """
+
     settings: Settings
-    redis: Redis
-    keys: Keys
-    store: JobStore
-    log: EventLog
+    core: Core
     hub: Hub
-    reaper: Reaper
     ready: ReadyProbe
+    owns_core: bool = True
     viewer_tokens: ViewerTokens | None = None
     history: FinishedLogs | None = None
     client_streams: StreamsPerClient = field(
@@ -51,56 +55,63 @@ class Context:
             history=self.history,
         )
 
+    @property
+    def redis(self) -> Redis:
+        return self.core.redis
+
+    @property
+    def keys(self) -> Keys:
+        return self.core.keys
+
+    @property
+    def store(self) -> JobStore:
+        return self.core.store
+
+    @property
+    def log(self) -> EventLog:
+        return self.core.log
+
     @classmethod
-    def build(cls, settings: Settings, broker: Broker) -> Context:
-        redis = broker.client()
-        keys = Keys(settings.key_prefix)
+    def build(cls, settings: Settings, broker: Broker, core: Core | None = None) -> Context:
+        """The web tier over ``core``, or over a core of its own if none is given."""
+        owns_core = core is None
+        if core is None:
+            core = build_core(settings, broker, reaper_owner=f"reaper-web-{settings.node_id}")
         hub = Hub(
             broker,
-            redis,
-            keys,
+            core.redis,
+            core.keys,
+            core.viewers,
             node_id=settings.node_id,
             viewer_buffer=settings.viewer_buffer,
             # Keepalives go out at most half an interval late; a long outage
             # is noticed within a few seconds.
             tick_s=min(max(settings.keepalive_s / 2, 0.05), 5.0),
         )
-        store = JobStore(
-            redis, keys, retention_s=settings.retention_s, max_queued_jobs=settings.max_queued_jobs
-        )
-        reaper = Reaper(
-            redis,
-            keys,
-            owner=f"reaper-web-{settings.node_id}",
-            lease_s=settings.lease_s,
-            retention_s=settings.retention_s,
-        )
         tokens = (
             ViewerTokens(settings.secret, settings.viewer_token_ttl_s) if settings.secret else None
         )
-        log = EventLog(redis, keys)
         return cls(
             settings,
-            redis,
-            keys,
-            store,
-            log,
+            core,
             hub,
-            reaper,
-            ReadyProbe(redis, keys.ready_probe(), settings.node_id),
+            ReadyProbe(core.redis, core.keys.ready_probe(), settings.node_id),
+            owns_core=owns_core,
             viewer_tokens=tokens,
-            history=FinishedLogs(log),
+            history=FinishedLogs(core.log),
             client_streams=StreamsPerClient(settings.max_streams_per_client),
         )
 
     async def start(self) -> None:
         await self.hub.start()
-        self.tasks.append(asyncio.create_task(self.reaper.run(), name="reaper"))
+        if self.owns_core:
+            self.tasks.append(asyncio.create_task(self.core.reaper.run(), name="reaper"))
 
     async def stop(self) -> None:
         await cancel_and_wait(self.tasks)
         await self.hub.stop()
-        await self.redis.aclose()
+        if self.owns_core:
+            await self.core.aclose()
 
 
 def ctx() -> Context:

@@ -18,15 +18,14 @@ import time
 
 from services import metrics
 from services.config import Settings
+from services.core import Core
 from services.errors import BackendError, BrokerUnavailable, Fenced, JobFinished
-from services.eventlog import JobWriter, LogAppender
+from services.eventlog import JobWriter
 from services.events import CANCELLED, COMPLETED, FAILED
-from services.jobs import JobSpec, now_iso
-from services.keys import Keys
+from services.jobs import now_iso
 from services.logs import set_job_id
-from services.queue import RENEW_FRACTION, Claim, JobQueue, NotStarted, Started
-from services.reaper import Reaper
-from services.redisconn import Redis, broker_errors, raise_lost_cancel
+from services.queue import RENEW_FRACTION, Claim, NotStarted, Started
+from services.redisconn import raise_lost_cancel
 from worker.backends.base import Backend
 from worker.generate import pump
 
@@ -54,27 +53,21 @@ class Worker:
 
     def __init__(
         self,
-        redis: Redis,
+        core: Core,
         settings: Settings,
         backends: dict[str, Backend],
         *,
         blocking_reads: bool = True,
     ):
-        self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = core.keys
         self.backends = backends
         self.blocking_reads = blocking_reads
         self.consumer = f"worker-{settings.node_id}"
-        self.queue = JobQueue(redis, self.keys)
-        self.appender = LogAppender(redis)  # shared: appends of all its jobs go out together
-        self.reaper = Reaper(
-            redis,
-            self.keys,
-            owner=f"reaper-{settings.node_id}",
-            lease_s=settings.lease_s,
-            retention_s=settings.retention_s,
-        )
+        self.queue = core.queue
+        self.store = core.store
+        self.appender = core.appender  # shared: appends of all its jobs go out together
+        self.reaper = core.reaper
         self.running: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
 
@@ -170,12 +163,7 @@ class Worker:
 
     async def _run_owned(self, claim: Claim, owner: str, started: Started) -> None:
         job_id = claim.job_id
-        with broker_errors():
-            fields: list[str] = await self.redis.hmget(  # type: ignore[assignment]
-                self.keys.job(job_id), ["spec", "created_at"]
-            )
-        raw_spec, created_at = fields
-        spec = JobSpec.from_json(raw_spec)
+        spec, created_at = await self.store.submitted(job_id)
         writer = JobWriter(
             self.appender,
             self.keys,

@@ -11,6 +11,7 @@ from services.events import JobStatus
 from services.jobs import JobSpec, JobStore, now_iso
 from services.logscripts import decode_append, decode_cancel
 from services.queue import Claim, JobQueue, NotStarted, Started, TakenOver
+from tests.support import core_for_test
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -20,7 +21,7 @@ RETENTION_S = 60
 
 @pytest.fixture
 def store(redis, keys) -> JobStore:
-    return JobStore(redis, keys, retention_s=RETENTION_S, max_queued_jobs=10)
+    return core_for_test(redis, keys, retention_s=RETENTION_S, max_queued_jobs=10).store
 
 
 async def queued_job(store: JobStore) -> Claim:
