@@ -157,7 +157,7 @@ class _Shard:
                 # itself, and a dropped connection ends the read with an error.
                 # (redis-py >= 8.1: older ones cut it at the socket timeout.)
                 message = await self._pubsub.get_message(timeout=None)
-                raise_lost_cancel()
+                raise_lost_cancel()  # a pub/sub read, not a command: broker_errors() is not here
                 if message is not None:
                     self._dispatch(message)
             except asyncio.CancelledError:
@@ -358,4 +358,3 @@ class Hub:
                 await self._counts.report(counts, self.node_id)
             except BrokerUnavailable:
                 self._dirty.update(dirty)
-            raise_lost_cancel()

@@ -23,7 +23,6 @@ from services.jobs import now_iso
 from services.keys import Keys
 from services.logs import job_scope
 from services.queue import JobQueue, TakenOver
-from services.redisconn import raise_lost_cancel
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,8 @@ class Reaper:
         self.appender = appender
 
     async def run(self) -> None:
-        """Scan forever; broker outages are waited out."""
+        """Scan forever; broker outages are waited out. (Its broker calls
+        raise a cancel they swallowed: ``broker_errors``.)"""
         while True:
             try:
                 await self.reap_once()
@@ -63,7 +63,6 @@ class Reaper:
                 pass
             except Exception:
                 log.exception("reaper pass failed")
-            raise_lost_cancel()
             await asyncio.sleep(SCAN_INTERVAL_S)
 
     async def reap_once(self) -> int:

@@ -25,7 +25,6 @@ from services.events import CANCELLED, COMPLETED, FAILED
 from services.jobs import now_iso
 from services.logs import set_job_id
 from services.queue import RENEW_FRACTION, Claim, NotStarted, Started
-from services.redisconn import raise_lost_cancel
 from worker.backends.base import Backend
 from worker.generate import pump
 
@@ -238,7 +237,6 @@ class Worker:
                     # reaches the broker again.
                     next_renew = time.monotonic()
                     continue
-                raise_lost_cancel()
                 if not owned:
                     raise Fenced(f"job {job_id}: lease lost")
                 if cancel:
