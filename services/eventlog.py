@@ -32,6 +32,7 @@ from services.logscripts import (
     log_script,
 )
 from services.redisconn import Redis, broker_errors, is_cluster
+from services.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -225,14 +226,14 @@ class JobWriter:
 
     async def _call_with_retry(self, args: list[str | int]) -> AppendResult:
         deadline = time.monotonic() + self.retry_s
-        delay = RETRY_MIN_S
+        backoff = None  # made on the first failure only: appends are the hot path
         while True:
             try:
                 with broker_errors():
                     return await self.appender.append(self.keys.job_keys(self.job_id), args)
             except BrokerUnavailable:
-                if time.monotonic() + delay > deadline:
+                backoff = backoff or Backoff(RETRY_MIN_S, RETRY_MAX_S, deadline=deadline)
+                if backoff.past_deadline():
                     raise
                 log.warning("job %s: broker unreachable, retrying the append", self.job_id)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+                await backoff.wait()

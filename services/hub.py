@@ -38,6 +38,7 @@ from services.redisconn import (
     cancel_and_wait,
     raise_lost_cancel,
 )
+from services.retry import Backoff
 from services.topic import Topic, Viewer
 from services.viewers import REFRESH_S, ViewerCounts
 
@@ -147,12 +148,12 @@ class _Shard:
             topic.unsubscribed()
 
     async def _read_loop(self) -> None:
-        backoff = BACKOFF_MIN_S
+        backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S)
         while True:
             try:
                 if self._pubsub is None:
                     await self._connect()
-                    backoff = BACKOFF_MIN_S
+                    backoff.reset()
                 # No timeout: a timer per read cost more CPU than the message
                 # itself, and a dropped connection ends the read with an error.
                 # (redis-py >= 8.1: older ones cut it at the socket timeout.)
@@ -167,8 +168,7 @@ class _Shard:
                     log.exception("pub/sub reader failed")
                 self._lost()
                 await self.close()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                await backoff.wait()
                 metrics.PUBSUB_RECONNECTS.inc()
 
     def _dispatch(self, message: dict) -> None:

@@ -25,6 +25,7 @@ from services.events import CANCELLED, COMPLETED, FAILED
 from services.jobs import now_iso
 from services.logs import set_job_id
 from services.queue import RENEW_FRACTION, Claim, NotStarted, Started
+from services.retry import Backoff
 from worker.backends.base import Backend
 from worker.generate import pump
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.05  # cancel is honoured within this plus one append (API.md: 250 ms)
 CLAIM_BLOCK_MS = 1000
 POLL_S = 0.05  # between queue reads on a broker that cannot block (embedded)
+BROKER_RETRY_S = 1.0  # between attempts to reach the queue while the broker is down
 # Handing a job back at shutdown waits this long for an unreachable broker.
 HAND_BACK_TIMEOUT_S = 5.0
 
@@ -86,19 +88,21 @@ class Worker:
             await self._drain()
 
     async def _ensure_group(self) -> None:
+        backoff = Backoff(BROKER_RETRY_S)
         while not self.stopping.is_set():
             try:
                 await self.queue.ensure_group()
                 return
             except BrokerUnavailable as exc:
                 log.warning("broker unreachable at start: %s", exc)
-                await asyncio.sleep(1.0)
+                await backoff.wait()
 
     def stop(self) -> None:
         self.stopping.set()
 
     async def _claim_loop(self) -> None:
         next_reclaim = time.monotonic() + self.settings.lease_s
+        backoff = Backoff(BROKER_RETRY_S)
         while not self.stopping.is_set():
             free = self.settings.worker_concurrency - len(self.running)
             if free <= 0:
@@ -115,7 +119,7 @@ class Worker:
                     next_reclaim = time.monotonic() + self.settings.lease_s
             except BrokerUnavailable as exc:
                 log.warning("queue unreachable: %s", exc)
-                await asyncio.sleep(1.0)
+                await backoff.wait()
                 continue
             for claim in claims:
                 task = asyncio.create_task(self.run_job(claim), name=f"job-{claim.job_id}")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -44,6 +45,7 @@ from services import metrics
 from services.config import Settings
 from services.errors import BackendError
 from services.jobs import JobSpec
+from services.retry import Backoff
 
 ATTEMPTS = 3
 BACKOFF_S = 0.25  # then doubled per attempt
@@ -157,6 +159,7 @@ class UpstreamGeneration:
         """The upstream stream, retried with backoff while it fails to open."""
         failure = ""
         attempt = 0
+        backoff = Backoff(BACKOFF_S, math.inf)
         while True:
             attempt += 1
             try:
@@ -173,10 +176,9 @@ class UpstreamGeneration:
                     raise BackendError(failure) from exc
             except openai.APIConnectionError as exc:
                 failure = f"could not connect to {self.where}: {_root_cause(exc)}"
-            delay = BACKOFF_S * 2 ** (attempt - 1)
-            if attempt == ATTEMPTS or asyncio.get_running_loop().time() + delay >= deadline:
+            if attempt == ATTEMPTS or asyncio.get_running_loop().time() + backoff.delay >= deadline:
                 raise BackendError(f"{failure} (tried {attempt} times)")
-            await asyncio.sleep(delay)
+            await backoff.wait()
 
     async def _next(self, stream: openai.AsyncStream) -> Any:
         """The next chunk, ``None`` at the end of the stream."""
