@@ -107,6 +107,12 @@ class Context:
         if self.owns_core:
             self.tasks.append(asyncio.create_task(self.core.reaper.run(), name="reaper"))
 
+    def start_draining(self) -> None:
+        """Refuse new streams and readiness from now on, and wake every open
+        stream so it ends at once."""
+        self.draining = True
+        self.hub.close_all()
+
     async def stop(self) -> None:
         await cancel_and_wait(self.tasks)
         await self.hub.stop()
