@@ -144,15 +144,21 @@ async def _dev(settings: Settings, host: str, port: int) -> None:
     from services.redisconn import EmbeddedBroker
     from web.app import create_app
     from web.server import serve_app
-    from worker.main import build_worker
+    from worker.main import build_worker, worker_core
 
     broker = _redis_broker(settings) if settings.redis_url else EmbeddedBroker()
     where = settings.redis_url or "the embedded broker"
     logging.getLogger("tokencast").info("tokencast dev on http://%s:%d (%s)", host, port, where)
-    worker = build_worker(settings, broker)
+    # One process, one core: the web tier and the worker share its client,
+    # its appender and its reaper (which the worker runs).
+    core = worker_core(settings, broker)
+    worker = build_worker(settings, broker, core)
     worker_task = asyncio.create_task(worker.run())
-    await serve_app(create_app(settings, broker), host, port, on_shutdown=worker.stop)
-    await worker_task
+    try:
+        await serve_app(create_app(settings, broker, core), host, port, on_shutdown=worker.stop)
+        await worker_task
+    finally:
+        await core.aclose()
 
 
 async def _serve(settings: Settings, host: str, port: int, fd: int | None = None) -> None:

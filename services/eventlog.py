@@ -60,6 +60,7 @@ from services.logscripts import (
     restore_args,
 )
 from services.redisconn import Redis, broker_errors, is_cluster
+from services.retry import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -369,14 +370,14 @@ class JobWriter:
         args: list[str | int],
     ) -> _Reply:
         deadline = time.monotonic() + self.retry_s
-        delay = RETRY_MIN_S
+        backoff = None  # made on the first failure only: appends are the hot path
         while True:
             try:
                 with broker_errors():
                     return await call(self.keys.job_keys(self.job_id), args)
             except BrokerUnavailable:
-                if time.monotonic() + delay > deadline:
+                backoff = backoff or Backoff(RETRY_MIN_S, RETRY_MAX_S, deadline=deadline)
+                if backoff.past_deadline():
                     raise
                 log.warning("job %s: broker unreachable, retrying the append", self.job_id)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+                await backoff.wait()

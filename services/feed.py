@@ -26,7 +26,6 @@ from services.eventlog import EventLog
 from services.events import DONE, FAILED, Event, done_data
 from services.history import FinishedLogs
 from services.hub import Hub
-from services.redisconn import raise_lost_cancel
 from services.resume import coalesce, next_run
 from services.topic import Viewer
 
@@ -187,7 +186,6 @@ class FeedSession:
                 viewer.start_catch_up()
                 try:
                     events, more = await feed.read_log(viewer.job_id, self.sent, self.finished)
-                    raise_lost_cancel()
                     self.outage_since = None
                     if more:
                         viewer.mark_lagging()

@@ -38,6 +38,7 @@ from services.redisconn import (
     cancel_and_wait,
     raise_lost_cancel,
 )
+from services.retry import Backoff
 from services.topic import Topic, Viewer
 from services.viewers import REFRESH_S, ViewerCounts
 
@@ -150,17 +151,17 @@ class _Shard:
             topic.unsubscribed()
 
     async def _read_loop(self) -> None:
-        backoff = BACKOFF_MIN_S
+        backoff = Backoff(BACKOFF_MIN_S, BACKOFF_MAX_S)
         while True:
             try:
                 if self._pubsub is None:
                     await self._connect()
-                    backoff = BACKOFF_MIN_S
+                    backoff.reset()
                 # No timeout: a timer per read cost more CPU than the message
                 # itself, and a dropped connection ends the read with an error.
                 # (redis-py >= 8.1: older ones cut it at the socket timeout.)
                 message = await self._pubsub.get_message(timeout=None)
-                raise_lost_cancel()
+                raise_lost_cancel()  # a pub/sub read, not a command: broker_errors() is not here
                 if message is not None:
                     self._dispatch(message)
             except asyncio.CancelledError:
@@ -170,8 +171,7 @@ class _Shard:
                     log.exception("pub/sub reader failed")
                 self._lost()
                 await self.close()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                await backoff.wait()
                 metrics.PUBSUB_RECONNECTS.inc()
 
     def _dispatch(self, message: dict) -> None:
@@ -204,6 +204,7 @@ class Hub:
         broker: Broker,
         redis: Redis,
         keys: Keys,
+        counts: ViewerCounts,
         *,
         node_id: str,
         viewer_buffer: int,
@@ -215,7 +216,7 @@ class Hub:
         self.keys = keys
         self.node_id = node_id
         self.viewer_buffer = viewer_buffer
-        self._counts = ViewerCounts(redis, keys)
+        self._counts = counts
         self._topics: dict[str, Topic] = {}
         self._shards: dict[str, _Shard] = {}
         self._dirty: set[str] = set()
@@ -368,4 +369,3 @@ class Hub:
                 await self._counts.report(counts, self.node_id)
             except BrokerUnavailable:
                 self._dirty.update(dirty)
-            raise_lost_cancel()

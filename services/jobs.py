@@ -13,7 +13,7 @@ import secrets
 import string
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from services import metrics
 from services.errors import JobFinished, JobNotFound, QueueFull
@@ -71,6 +71,14 @@ class JobSpec:
     @classmethod
     def from_json(cls, raw: str) -> JobSpec:
         return cls(**json.loads(raw))
+
+
+class Submitted(NamedTuple):
+    """A job as its worker starts it."""
+
+    spec: JobSpec
+    created_at: str
+    reasoning_tokens: int
 
 
 @dataclass(frozen=True)
@@ -134,14 +142,24 @@ class StreamPosition:
 class JobStore:
     """Creates, reads and cancels jobs."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, retention_s: float, max_queued_jobs: int):
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        queue: JobQueue,
+        viewers: ViewerCounts,
+        appender: LogAppender,  # for cancels: they end a queued job's log
+        *,
+        retention_s: float,
+        max_queued_jobs: int,
+    ):
         self.redis = redis
         self.keys = keys
         self.retention_s = retention_s
         self.max_queued_jobs = max_queued_jobs
-        self.queue = JobQueue(redis, keys)
-        self.viewers = ViewerCounts(redis, keys)
-        self.appender = LogAppender(redis)  # for cancels: they end a queued job's log
+        self.queue = queue
+        self.viewers = viewers
+        self.appender = appender
 
     async def create(self, spec: JobSpec) -> JobState:
         """Store a new job and queue it. Raises ``QueueFull`` past the queue limit."""
@@ -218,11 +236,19 @@ class JobStore:
 
     async def spec(self, job_id: str) -> JobSpec:
         """What the job asked for; raises ``JobNotFound``."""
+        return (await self.submitted(job_id)).spec
+
+    async def submitted(self, job_id: str) -> Submitted:
+        """What the job asked for, when, and how far its writers got with the
+        reasoning count (a retried job goes on from it); raises ``JobNotFound``."""
         with broker_errors():
-            raw: str | None = await self.redis.hget(self.keys.job(job_id), "spec")  # type: ignore[assignment]
-        if raw is None:
+            fields: list[str | None] = await self.redis.hmget(  # type: ignore[assignment]
+                self.keys.job(job_id), ["spec", "created_at", "reasoning_tokens"]
+            )
+        raw, created_at, reasoning_tokens = fields
+        if raw is None or created_at is None:
             raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
-        return JobSpec.from_json(raw)
+        return Submitted(JobSpec.from_json(raw), created_at, int(reasoning_tokens or 0))
 
     async def exists(self, job_id: str) -> bool:
         with broker_errors():

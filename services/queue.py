@@ -98,7 +98,8 @@ return {expiry, redis.call('HGET', KEYS[1], 'cancel') or ''}
 )
 
 # KEYS: job.  ARGV: new owner, lease ms, when the broker was back (ms; 0: never away).
-# Returns {'taken', tokens, attempts, cancel flag, queue entry, last event id},
+# Returns {'taken', tokens, attempts, cancel flag, queue entry, last event id,
+# reasoning tokens},
 # {'alive', expiry} or {'done'}.
 TAKEOVER_SCRIPT = (
     LUA_STATUSES
@@ -116,7 +117,8 @@ return {'taken', tonumber(redis.call('HGET', KEYS[1], 'tokens')),
         tonumber(redis.call('HGET', KEYS[1], 'attempts')),
         redis.call('HGET', KEYS[1], 'cancel') or '',
         redis.call('HGET', KEYS[1], 'queue_entry') or '',
-        tonumber(redis.call('HGET', KEYS[1], 'last_event_id'))}
+        tonumber(redis.call('HGET', KEYS[1], 'last_event_id')),
+        tonumber(redis.call('HGET', KEYS[1], 'reasoning_tokens') or '0')}
 """
 )
 
@@ -187,6 +189,7 @@ class TakenOver:
     cancel_requested: bool
     entry_id: str
     last_event_id: int
+    reasoning_tokens: int
 
 
 @dataclass(frozen=True)
@@ -222,13 +225,14 @@ def _decode_renew(reply: Any) -> _Lease | None:
 def _decode_takeover(reply: Any) -> TakenOver | _Lease | None:
     """A ``_Lease``: its owner renewed it after all; ``None``: the job is not running any more."""
     match reply:
-        case ["taken", tokens, attempts, cancel, entry_id, last_event_id]:
+        case ["taken", tokens, attempts, cancel, entry_id, last_event_id, reasoning_tokens]:
             return TakenOver(
                 tokens=int(tokens),
                 attempts=int(attempts),
                 cancel_requested=cancel == "1",
                 entry_id=entry_id,
                 last_event_id=int(last_event_id),
+                reasoning_tokens=int(reasoning_tokens),
             )
         case ["alive", expiry]:
             return _Lease(int(expiry))

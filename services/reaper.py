@@ -23,7 +23,6 @@ from services.jobs import now_iso
 from services.keys import Keys
 from services.logs import job_scope
 from services.queue import JobQueue, TakenOver
-from services.redisconn import Redis, broker_errors, raise_lost_cancel
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +36,26 @@ WORKER_LOST = {
 
 
 class Reaper:
-    def __init__(self, redis: Redis, keys: Keys, *, owner: str, lease_s: float, retention_s: float):
-        self.redis = redis
+    def __init__(
+        self,
+        keys: Keys,
+        queue: JobQueue,
+        appender: LogAppender,
+        *,
+        owner: str,
+        lease_s: float,
+        retention_s: float,
+    ):
         self.keys = keys
         self.owner = owner
         self.lease_s = lease_s
         self.retention_s = retention_s
-        self.queue = JobQueue(redis, keys)
-        self.appender = LogAppender(redis)
+        self.queue = queue
+        self.appender = appender
 
     async def run(self) -> None:
-        """Scan forever; broker outages are waited out."""
+        """Scan forever; broker outages are waited out. (Its broker calls
+        raise a cancel they swallowed: ``broker_errors``.)"""
         while True:
             try:
                 await self.reap_once()
@@ -55,7 +63,6 @@ class Reaper:
                 pass
             except Exception:
                 log.exception("reaper pass failed")
-            raise_lost_cancel()
             await asyncio.sleep(SCAN_INTERVAL_S)
 
     async def reap_once(self) -> int:
@@ -89,7 +96,7 @@ class Reaper:
             retention_s=self.retention_s,
             last_id=taken.last_event_id,
             tokens=taken.tokens,
-            reasoning_tokens=await self._reasoning_tokens(job_id),
+            reasoning_tokens=taken.reasoning_tokens,
         )
         try:
             if taken.cancel_requested:
@@ -99,9 +106,3 @@ class Reaper:
                 await writer.finish(FAILED, None, WORKER_LOST, finished_at=now_iso())
         except (Fenced, JobFinished):
             pass  # someone else settled it meanwhile
-
-    async def _reasoning_tokens(self, job_id: str) -> int:
-        """The job's count of reasoning events, for its ``done`` (it owns the job now)."""
-        with broker_errors():
-            count = await self.redis.hget(self.keys.job(job_id), "reasoning_tokens")
-        return int(count or 0)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
@@ -214,17 +212,38 @@ def is_broker_unavailability(exc: BaseException) -> bool:
     return isinstance(exc, RedisError) and isinstance(exc, BROKER_IO_ERRORS)
 
 
-@contextmanager
-def broker_errors() -> Iterator[None]:
-    """Turn ``BROKER_IO_ERRORS`` and ``UNAVAILABLE_REPLIES`` into ``BrokerUnavailable``."""
-    try:
-        yield
-    except BROKER_IO_ERRORS as exc:
-        raise BrokerUnavailable(f"the broker is unreachable: {exc}") from exc
-    except ResponseError as exc:
-        if str(exc).startswith(UNAVAILABLE_REPLIES):
+class _BrokerErrors:
+    """``broker_errors()``: stateless, so one instance serves every call."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            raise_lost_cancel()
+            return
+        if issubclass(exc_type, BROKER_IO_ERRORS):
+            raise_lost_cancel()
+            raise BrokerUnavailable(f"the broker is unreachable: {exc}") from exc
+        if issubclass(exc_type, ResponseError) and str(exc).startswith(UNAVAILABLE_REPLIES):
+            raise_lost_cancel()
             raise BrokerUnavailable(f"the broker is failing over: {exc}") from exc
-        raise
+
+
+_BROKER_ERRORS = _BrokerErrors()
+
+
+def broker_errors() -> _BrokerErrors:
+    """Wrap every await of a redis-py command: ``with broker_errors(): await ...``.
+
+    Turns ``BROKER_IO_ERRORS`` and ``UNAVAILABLE_REPLIES`` into
+    ``BrokerUnavailable``, and raises a cancel the command swallowed
+    (``raise_lost_cancel``), so a task asked to stop stops at its next broker
+    call without each caller checking. It costs no await and no allocation.
+    """
+    return _BROKER_ERRORS
 
 
 def raise_lost_cancel() -> None:
@@ -234,9 +253,13 @@ def raise_lost_cancel() -> None:
     A cancel that arrives during a redis-py command can come back as a normal
     return (seen on the stream path, where a client that left at once stayed
     registered forever, and in background loops, which then never stopped).
-    Call it after awaiting redis-py wherever a task must end when cancelled.
+    ``broker_errors()`` calls it after every command; call it by hand only
+    after an await it does not wrap (a pub/sub read, a yield to the server).
     """
-    task = asyncio.current_task()
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop: nothing to cancel
+        return
     if task is not None and task.cancelling():
         raise asyncio.CancelledError()
 

@@ -15,7 +15,10 @@ import httpx_sse
 from httpx_sse import ServerSentEvent, aconnect_sse, connect_sse
 
 from deploy.local.cluster import ROOT, Process, RedisServer, free_port, http_status, wait_until
+from services.core import Core, assemble
 from services.items import TOKEN, Text
+from services.keys import Keys
+from services.redisconn import Redis
 
 __all__ = ["ROOT", "Process", "RedisServer", "free_port", "http_status", "wait_until"]
 
@@ -68,6 +71,26 @@ class Cluster:
 def token_items(texts: list[str]) -> list[Text]:
     """Answer texts as the items a job's writer appends."""
     return [Text(TOKEN, text) for text in texts]
+
+
+def core_for_test(
+    redis: Redis,
+    keys: Keys,
+    *,
+    retention_s: float = 60,
+    max_queued_jobs: int = 100,
+    lease_s: float = 10.0,
+    reaper_owner: str = "reaper-test",
+) -> Core:
+    """A process's shared objects (``services.core``) over ``redis`` and ``keys``."""
+    return assemble(
+        redis,
+        keys,
+        retention_s=retention_s,
+        max_queued_jobs=max_queued_jobs,
+        lease_s=lease_s,
+        reaper_owner=reaper_owner,
+    )
 
 
 def redis_available(port: int = 6379) -> bool:

@@ -6,6 +6,7 @@ from quart import Quart
 from quart_cors import cors
 
 from services.config import Settings
+from services.core import Core
 from services.logs import AccessLog
 from services.redisconn import Broker
 from web import api, errors, health, pages, stream
@@ -16,13 +17,14 @@ from web.responses import bp as responses_bp
 from web.schemas import install_openapi
 
 
-def create_app(settings: Settings, broker: Broker) -> Quart:
-    """The web tier of one process, serving from ``broker``."""
+def create_app(settings: Settings, broker: Broker, core: Core | None = None) -> Quart:
+    """The web tier of one process, serving from ``broker``, over ``core``
+    (``services.core``) if given, else over a core of its own."""
     app = Quart(__name__, static_folder=None)  # web/pages.py serves web/static/
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    context = Context.build(settings, broker)
+    context = Context.build(settings, broker, core)
     app.extensions["tokencast"] = context
 
     @app.before_serving

@@ -52,10 +52,9 @@ async def serve_app(
 
     async def trigger() -> None:
         await shutdown.wait()
-        context.draining = True
+        context.start_draining()
         if on_shutdown is not None:
             on_shutdown()
-        context.hub.close_all()
         # Streams end at once; half the drain time is left for them to flush.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(context.settings.drain_s / 2):

@@ -8,6 +8,7 @@ import signal
 from prometheus_client import start_http_server
 
 from services.config import Settings
+from services.core import Core, build_core
 from services.redisconn import Broker
 from services.runtime import tune_gc
 from worker.backends.base import Backend
@@ -43,19 +44,21 @@ def backends_for(settings: Settings) -> dict[str, Backend]:
     return backends
 
 
-def build_worker(settings: Settings, broker: Broker) -> Worker:
+def build_worker(settings: Settings, broker: Broker, core: Core) -> Worker:
+    """A worker on ``core``, the process's shared objects (``services.core``)."""
     backends = backends_for(settings)  # first: a backend that cannot load stops the worker
-    return Worker(
-        broker.client(),
-        settings,
-        backends,
-        blocking_reads=broker.blocking_reads,
-    )
+    return Worker(core, settings, backends, blocking_reads=broker.blocking_reads)
+
+
+def worker_core(settings: Settings, broker: Broker) -> Core:
+    """The core of a process that runs a worker: its reaper is the worker's."""
+    return build_core(settings, broker, reaper_owner=f"reaper-{settings.node_id}")
 
 
 async def run_worker(settings: Settings, broker: Broker) -> None:
     """Run until SIGTERM/SIGINT: stop claiming, finish held jobs within the drain time, exit."""
-    worker = build_worker(settings, broker)
+    core = worker_core(settings, broker)
+    worker = build_worker(settings, broker, core)
     if settings.worker_metrics_port:
         # Workers serve no HTTP otherwise: Prometheus scrapes them here.
         start_http_server(settings.worker_metrics_port, addr=settings.host)
@@ -66,4 +69,4 @@ async def run_worker(settings: Settings, broker: Broker) -> None:
     try:
         await worker.run()
     finally:
-        await worker.redis.aclose()
+        await core.aclose()

@@ -17,17 +17,16 @@ import secrets
 import time
 
 from services import metrics
-from services.catalog import ModelCatalog
 from services.config import Settings
+from services.core import Core
 from services.errors import BackendError, BrokerUnavailable, Fenced, JobFinished
-from services.eventlog import JobWriter, LogAppender
+from services.eventlog import JobWriter
 from services.events import CANCELLED, COMPLETED, FAILED
-from services.jobs import JobSpec, now_iso
-from services.keys import Keys
+from services.jobs import now_iso
 from services.logs import set_job_id
-from services.queue import RENEW_FRACTION, Claim, JobQueue, NotStarted, Started
-from services.reaper import Reaper
-from services.redisconn import Redis, broker_errors, cancel_and_wait, raise_lost_cancel
+from services.queue import RENEW_FRACTION, Claim, NotStarted, Started
+from services.redisconn import cancel_and_wait
+from services.retry import Backoff
 from worker.backends.base import Backend, Job, close_backends
 from worker.generate import pump
 
@@ -36,6 +35,7 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.05  # cancel is honoured within this plus one append (API.md: 250 ms)
 CLAIM_BLOCK_MS = 1000
 POLL_S = 0.05  # between queue reads on a broker that cannot block (embedded)
+BROKER_RETRY_S = 1.0  # between attempts to reach the queue while the broker is down
 # Handing a job back at shutdown waits this long for an unreachable broker.
 HAND_BACK_TIMEOUT_S = 5.0
 
@@ -55,28 +55,22 @@ class Worker:
 
     def __init__(
         self,
-        redis: Redis,
+        core: Core,
         settings: Settings,
         backends: dict[str, Backend],
         *,
         blocking_reads: bool = True,
     ):
-        self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = core.keys
         self.backends = backends
         self.blocking_reads = blocking_reads
         self.consumer = f"worker-{settings.node_id}"
-        self.queue = JobQueue(redis, self.keys)
-        self.appender = LogAppender(redis)  # shared: appends of all its jobs go out together
-        self.reaper = Reaper(
-            redis,
-            self.keys,
-            owner=f"reaper-{settings.node_id}",
-            lease_s=settings.lease_s,
-            retention_s=settings.retention_s,
-        )
-        self.catalog = ModelCatalog(redis, self.keys)  # web nodes list the models it serves
+        self.queue = core.queue
+        self.store = core.store
+        self.appender = core.appender  # shared: appends of all its jobs go out together
+        self.reaper = core.reaper
+        self.catalog = core.catalog  # web nodes list the models it serves
         self.running: set[asyncio.Task] = set()
         self.stopping = asyncio.Event()
 
@@ -99,19 +93,21 @@ class Worker:
             await close_backends(self.backends.values())
 
     async def _ensure_group(self) -> None:
+        backoff = Backoff(BROKER_RETRY_S)
         while not self.stopping.is_set():
             try:
                 await self.queue.ensure_group()
                 return
             except BrokerUnavailable as exc:
                 log.warning("broker unreachable at start: %s", exc)
-                await asyncio.sleep(1.0)
+                await backoff.wait()
 
     def stop(self) -> None:
         self.stopping.set()
 
     async def _claim_loop(self) -> None:
         next_reclaim = time.monotonic() + self.settings.lease_s
+        backoff = Backoff(BROKER_RETRY_S)
         while not self.stopping.is_set():
             free = self.settings.worker_concurrency - len(self.running)
             if free <= 0:
@@ -128,7 +124,7 @@ class Worker:
                     next_reclaim = time.monotonic() + self.settings.lease_s
             except BrokerUnavailable as exc:
                 log.warning("queue unreachable: %s", exc)
-                await asyncio.sleep(1.0)
+                await backoff.wait()
                 continue
             for claim in claims:
                 task = asyncio.create_task(self.run_job(claim), name=f"job-{claim.job_id}")
@@ -175,12 +171,7 @@ class Worker:
 
     async def _run_owned(self, claim: Claim, owner: str, started: Started) -> None:
         job_id = claim.job_id
-        with broker_errors():
-            fields: list[str] = await self.redis.hmget(  # type: ignore[assignment]
-                self.keys.job(job_id), ["spec", "created_at", "reasoning_tokens"]
-            )
-        raw_spec, created_at, reasoning_tokens = fields
-        spec = JobSpec.from_json(raw_spec)
+        spec, created_at, reasoning_tokens = await self.store.submitted(job_id)
         writer = JobWriter(
             self.appender,
             self.keys,
@@ -258,7 +249,6 @@ class Worker:
                     # reaches the broker again.
                     next_renew = time.monotonic()
                     continue
-                raise_lost_cancel()
                 if not owned:
                     raise Fenced(f"job {job_id}: lease lost")
                 if cancel:

@@ -15,10 +15,10 @@ from services.eventlog import EventLog, JobWriter, LogAppender
 from services.events import COMPLETED, Event
 from services.feed import END, KEEPALIVE, Batch, Feed
 from services.hub import Hub
-from services.jobs import JobStore, now_iso
+from services.jobs import now_iso
 from services.keys import Keys
 from services.redisconn import RedisBroker, connect
-from tests.support import token_items
+from tests.support import core_for_test, token_items
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,16 +63,18 @@ class Harness:
     def __init__(self, url: str, keys: Keys, viewer_buffer: int = 512, tick_s: float = 1.0):
         self.redis = connect(url)
         self.keys = keys
+        self.core = core_for_test(self.redis, keys)
         self.hub = Hub(
             RedisBroker(url),
             self.redis,
             keys,
+            self.core.viewers,
             node_id="test-node",
             viewer_buffer=viewer_buffer,
             tick_s=tick_s,
         )
-        self.log = EventLog(self.redis, keys)
-        self.store = JobStore(self.redis, keys, retention_s=60, max_queued_jobs=100)
+        self.log = self.core.log
+        self.store = self.core.store
 
     async def __aenter__(self) -> Harness:
         await self.hub.start()

@@ -15,6 +15,7 @@ import pytest
 
 from services.queue import LEASE_TTL_FRACTION
 from services.reaper import Reaper
+from tests.support import core_for_test
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -31,7 +32,7 @@ async def running_job_whose_lease_ran_out(redis, keys) -> None:
 
 
 def reaper(redis, keys) -> Reaper:
-    return Reaper(redis, keys, owner="reaper-test", lease_s=LEASE_S, retention_s=60)
+    return core_for_test(redis, keys, lease_s=LEASE_S).reaper
 
 
 async def test_an_expired_lease_is_taken_over_at_once_while_the_broker_was_reachable(redis, keys):

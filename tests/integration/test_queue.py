@@ -11,6 +11,7 @@ from services.events import JobStatus
 from services.jobs import JobSpec, JobStore, now_iso
 from services.logscripts import decode_append, decode_cancel
 from services.queue import Claim, JobQueue, NotStarted, Started, TakenOver
+from tests.support import core_for_test
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -20,7 +21,7 @@ RETENTION_S = 60
 
 @pytest.fixture
 def store(redis, keys) -> JobStore:
-    return JobStore(redis, keys, retention_s=RETENTION_S, max_queued_jobs=10)
+    return core_for_test(redis, keys, retention_s=RETENTION_S, max_queued_jobs=10).store
 
 
 async def queued_job(store: JobStore) -> Claim:
@@ -106,7 +107,12 @@ async def test_takeover_waits_for_the_lease_then_takes_the_job(redis, keys, stor
     taken = await queue.takeover(claim.job_id, "reaper", LEASE_S)
 
     assert taken == TakenOver(
-        tokens=0, attempts=1, cancel_requested=False, entry_id=claim.entry_id, last_event_id=0
+        tokens=0,
+        attempts=1,
+        cancel_requested=False,
+        entry_id=claim.entry_id,
+        last_event_id=0,
+        reasoning_tokens=0,
     )
     assert await queue.renew(claim.job_id, "owner", LEASE_S) == (False, False)
     await redis.hset(keys.job(claim.job_id), "finished_at", now_iso())

@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -60,6 +61,7 @@ from services.items import (
     ToolCallFragment,
     parse_item,
 )
+from services.retry import Backoff
 from worker.backends.base import Job
 
 ATTEMPTS = 3
@@ -178,6 +180,7 @@ class UpstreamGeneration:
         """The upstream stream, retried with backoff while it fails to open."""
         failure = ""
         attempt = 0
+        backoff = Backoff(BACKOFF_S, math.inf)
         while True:
             attempt += 1
             try:
@@ -194,10 +197,9 @@ class UpstreamGeneration:
                     raise BackendError(failure) from exc
             except openai.APIConnectionError as exc:
                 failure = f"could not connect to {self.where}: {_root_cause(exc)}"
-            delay = BACKOFF_S * 2 ** (attempt - 1)
-            if attempt == ATTEMPTS or asyncio.get_running_loop().time() + delay >= deadline:
+            if attempt == ATTEMPTS or asyncio.get_running_loop().time() + backoff.delay >= deadline:
                 raise BackendError(f"{failure} (tried {attempt} times)")
-            await asyncio.sleep(delay)
+            await backoff.wait()
 
     async def _next(self, stream: openai.AsyncStream) -> Any:
         """The next chunk, ``None`` at the end of the stream."""
