@@ -23,6 +23,7 @@ import random
 import shutil
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -65,7 +66,7 @@ def deployment():
         drain_seconds="5",
         lease_seconds=str(LEASE_S),
         worker_concurrency=str(WORKER_CONCURRENCY),
-        retention_seconds="120",  # Redis reaches a steady size within the run
+        retention_seconds="60",  # Redis reaches a steady size within the first minute
         create_rate_per_minute="100000",
     )
     try:
@@ -76,9 +77,16 @@ def deployment():
         redis.close()
 
 
-async def soak(
-    cluster: LocalCluster, redis: RedisServer
-) -> tuple[list[Outcome], Chaos, Memory, Api]:
+@dataclass
+class Run:
+    outcomes: list[Outcome]
+    chaos: Chaos
+    memory: Memory
+    api_retries: int
+    slot_errors: list[str]  # job slots that stopped on an error
+
+
+async def soak(cluster: LocalCluster, redis: RedisServer) -> Run:
     started = time.monotonic()
     until = started + SECONDS
     chaos = Chaos(cluster, redis, random.Random(SEED), started)
@@ -98,11 +106,13 @@ async def soak(
         ]
         await asyncio.gather(chaos.run(), memory.watch(until))
         memory.measure_final()  # at the end, still under load
-        await asyncio.wait_for(asyncio.gather(*slots), 300)
-    return outcomes, chaos, memory, api
+        ended = await asyncio.wait_for(asyncio.gather(*slots, return_exceptions=True), 300)
+    errors = [repr(error) for error in ended if error is not None]
+    return Run(outcomes, chaos, memory, api.retries, errors)
 
 
-def summary(outcomes: list[Outcome], chaos: Chaos, memory: Memory, api: Api) -> str:
+def summary(run: Run) -> str:
+    outcomes, chaos = run.outcomes, run.chaos
     statuses = Counter(
         o.state["status"] + (f"/{o.state['error']['code']}" if o.state["error"] else "")
         for o in outcomes
@@ -116,14 +126,14 @@ def summary(outcomes: list[Outcome], chaos: Chaos, memory: Memory, api: Api) -> 
         f"jobs finished: {len(outcomes)} ({dict(statuses)})",
         f"viewers: {len(outcomes) * VIEWERS_PER_JOB}; reconnects: {reconnects} "
         f"(by {sum(v.connections > 1 for v in watched)} viewers); "
-        f"refused answers: {dict(refused)}; API retries: {api.retries}",
+        f"refused answers: {dict(refused)}; API retries: {run.api_retries}",
         "faults:",
     ]
     for fault in chaos.faults:
         back = f", restarted at {fault.restarted_at:.1f} s" if fault.restarted_at else ""
         lines.append(f"  {fault.at:6.1f} s  {fault.name}: {fault.detail}{back}")
     lines.append(f"RSS (MB, settled after {SETTLE_S:.0f} s of the process's life, and at the end):")
-    for name, pid, settled, final, change in memory.rows():
+    for name, pid, settled, final, change in run.memory.rows():
         was = f"{settled:7.1f}" if settled else "  young"
         by = f"{change:+6.1%}" if change is not None else "     -"
         lines.append(f"  {name:9} pid {pid:<8} {was} -> {final:7.1f}  {by}")
@@ -139,8 +149,9 @@ def nginx_no_live_upstreams(cluster: LocalCluster) -> int:
 
 async def test_soak_under_faults(deployment):
     cluster, redis = deployment
-    outcomes, chaos, memory, api = await soak(cluster, redis)
-    print("\n" + summary(outcomes, chaos, memory, api))
+    run = await soak(cluster, redis)
+    outcomes, chaos = run.outcomes, run.chaos
+    print("\n" + summary(run))
     print(f"nginx: {nginx_no_live_upstreams(cluster)} answers 'no live upstreams' (502)")
 
     wrong = [
@@ -150,6 +161,7 @@ async def test_soak_under_faults(deployment):
         for i, viewer in enumerate(o.viewers)
         if (problem := mismatch(o.state, viewer))
     ]
+    assert not run.slot_errors, run.slot_errors
     assert not wrong, "\n".join(wrong[:20])
     failed = [o for o in outcomes if o.state["status"] != "completed"]
     unexpected = [o for o in failed if (o.state["error"] or {}).get("code") != "worker_lost"]
@@ -158,7 +170,7 @@ async def test_soak_under_faults(deployment):
     assert len(failed) <= WORKER_CONCURRENCY, [o.job_id for o in failed]
     assert len(outcomes) >= JOBS_AT_ONCE * SECONDS / 30, "far fewer jobs than the pace allows"
     assert all(f.restarted_at or f.name == "pubsub_kill" for f in chaos.faults), chaos.faults
-    rows = memory.rows()
+    rows = run.memory.rows()
     assert len(rows) == 6 and all(settled for _n, _p, settled, _f, _c in rows), rows
     grew = [(name, change) for name, _pid, _s, _f, change in rows if abs(change) > RSS_TOLERANCE]
     assert not grew, grew
