@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev check lint test test-cluster test-browser test-failover cluster bench clean
+.PHONY: dev check lint test test-cluster test-browser test-failover test-soak cluster bench clean
 
 # Install into .venv whenever pyproject.toml changes.
 $(STAMP): pyproject.toml
@@ -39,6 +39,11 @@ test-cluster: $(STAMP)
 # (starts its own Redis and Sentinels; needs redis-sentinel: .ci/run installs it).
 test-failover: $(STAMP)
 	$(BIN)/python -m pytest -m failover
+
+# A whole deployment behind nginx under faults for 10 minutes (prints a summary;
+# needs nginx and redis-server). A shorter try: TOKENCAST_SOAK_SECONDS=120 make test-soak
+test-soak: $(STAMP)
+	$(BIN)/python -m pytest -m soak -s
 
 # The fan-out benchmark (starts its own Redis and processes; about 5 minutes).
 # A quick look: make bench BENCH_ARGS="--scenarios S1,S4 --repeat 1"

@@ -213,6 +213,23 @@ def test_compose_environment(runner):
             assert "--port" not in service.get("command", [])  # the default, 6379
 
 
+def redis_options(command: list[str]) -> dict[str, str]:
+    """``redis-server --name value …`` as {name: value}."""
+    assert command[0] == "redis-server", command
+    assert len(command) % 2 == 1 and all(word.startswith("--") for word in command[1::2]), command
+    return {
+        name.removeprefix("--"): value
+        for name, value in zip(command[1::2], command[2::2], strict=True)
+    }
+
+
+def test_compose_redis_keeps_an_append_only_file():
+    (redis,) = [s for s in compose_services().values() if s.get("image", "").startswith("redis")]
+    options = redis_options(redis["command"])
+    assert (options["appendonly"], options["appendfsync"]) == ("yes", "everysec")
+    assert any(volume.endswith(":/data") for volume in redis["volumes"])
+
+
 def test_compose_stop_grace_period_outlasts_the_drain():
     for name, service in tokencast_services().items():
         drain = float(service["environment"]["TOKENCAST_DRAIN_SECONDS"])
@@ -335,6 +352,14 @@ def test_k8s_redis_is_where_the_configmap_points():
         d for d in of_kind("Deployment") if selects(service["spec"]["selector"], pod_labels(d))
     ]
     assert container_port(redis, service["spec"]["ports"][0]["targetPort"]) == REDIS_PORT
+
+
+def test_k8s_redis_keeps_an_append_only_file():
+    (redis,) = [d for d in of_kind("Deployment") if container(d)["image"].startswith("redis")]
+    spec = container(redis)
+    options = redis_options(spec.get("command", []) + spec.get("args", []))
+    assert (options["appendonly"], options["appendfsync"]) == ("yes", "everysec")
+    assert [m["mountPath"] for m in spec["volumeMounts"]] == ["/data"]
 
 
 def test_k8s_environment(runner):
