@@ -76,16 +76,21 @@ async def pump(generation: AsyncIterable[object], writer: JobWriter, source: str
     except InvalidItem as exc:  # the writer's checks: tool-call fragments, custom names
         raise BackendError(f"{source} yielded a bad item: {exc.message}") from None
     finally:
-        # Cancelled mid-append: let the append land so the writer's token
-        # count matches the log before the terminal event is written.
-        if inflight is not None and not inflight.done():
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.shield(inflight)
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:  # a cancelled job's generator runs its finally now
-            with contextlib.suppress(Exception):
-                await aclose()
+        await _settle(inflight, iterator)
     return finish or ("tool_calls" if called_tools else "stop")
+
+
+async def _settle(inflight: asyncio.Task | None, iterator: object) -> None:
+    """However the pump ends: let an append in flight land (so the writer's
+    counts match the log before the terminal event), and close the backend's
+    iterator (a cancelled job's generator runs its ``finally`` now)."""
+    if inflight is not None and not inflight.done():
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.shield(inflight)
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
 
 def checked(value: object, source: str) -> Item:
