@@ -20,6 +20,7 @@ from services.eventlog import LogAppender
 from services.events import JobStatus
 from services.keys import Keys
 from services.logscripts import CancelOutcome
+from services.producers import EXTERNAL, ExternalJobs, external_fields, is_external
 from services.queue import JobQueue
 from services.redisconn import Redis, broker_errors
 from services.viewers import ViewerCounts
@@ -63,6 +64,8 @@ class JobSpec:
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # "external": its events come over HTTP (services.producers), never from the queue.
+    producer: str = "worker"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -92,6 +95,7 @@ class JobState:
     reasoning: str = ""
     # OpenAI's shape: [{"id", "type": "function", "function": {"name", "arguments"}}]
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    producer: str = "worker"
 
     @property
     def finished(self) -> bool:
@@ -114,7 +118,15 @@ class StreamPosition:
 class JobStore:
     """Creates, reads and cancels jobs."""
 
-    def __init__(self, redis: Redis, keys: Keys, *, retention_s: float, max_queued_jobs: int):
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        *,
+        retention_s: float,
+        max_queued_jobs: int,
+        lease_s: float = 10.0,
+    ):
         self.redis = redis
         self.keys = keys
         self.retention_s = retention_s
@@ -122,9 +134,13 @@ class JobStore:
         self.queue = JobQueue(redis, keys)
         self.viewers = ViewerCounts(redis, keys)
         self.appender = LogAppender(redis)  # for cancels: they end a queued job's log
+        self.producers = ExternalJobs(redis, keys, lease_s=lease_s, retention_s=retention_s)
 
-    async def create(self, spec: JobSpec) -> JobState:
-        """Store a new job and queue it. Raises ``QueueFull`` past the queue limit."""
+    async def create(self, spec: JobSpec, producer_token: str | None = None) -> JobState:
+        """Store a new job and queue it. Raises ``QueueFull`` past the queue limit.
+
+        An external job (``spec.producer``) is not queued: it takes
+        ``producer_token`` and its lease starts now."""
         job_id = new_job_id()
         created_at = now_iso()
         fields: dict[str, str | int] = {
@@ -136,9 +152,16 @@ class JobStore:
             "tokens": 0,
             "attempts": 0,
         }
+        external = spec.producer == EXTERNAL
+        if external:
+            if producer_token is None:
+                raise ValueError("an external job needs its producer token")
+            fields.update(external_fields(producer_token))
         with broker_errors():
             await self.redis.hset(self.keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
-            if not await self.queue.enqueue(job_id, limit=self.max_queued_jobs):
+            if external:
+                await self.producers.open(job_id, str(fields["owner"]))
+            elif not await self.queue.enqueue(job_id, limit=self.max_queued_jobs):
                 await self.redis.delete(self.keys.job(job_id))
                 raise QueueFull(
                     f"{self.max_queued_jobs} jobs are already waiting for a worker"
@@ -159,6 +182,7 @@ class JobStore:
             finish_reason=None,
             viewers=0,
             metadata=spec.metadata,
+            producer=spec.producer,
         )
 
     async def get(self, job_id: str) -> JobState:
@@ -188,6 +212,7 @@ class JobStore:
             finish_reason=raw.get("finish_reason"),
             viewers=viewers,
             metadata=JobSpec.from_json(raw["spec"]).metadata,
+            producer=raw.get("producer", "worker"),
         )
 
     async def spec(self, job_id: str) -> JobSpec:
@@ -231,4 +256,7 @@ class JobStore:
             raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
         if outcome is CancelOutcome.FINISHED:
             raise JobFinished(f"job {job_id} has already finished")
+        if outcome is CancelOutcome.FLAGGED and await is_external(self.redis, self.keys, job_id):
+            # No worker watches for the flag: end it now; its producer's next publish gets 409.
+            await self.producers.end(job_id, now_iso(), cancel=True)
         return await self.get(job_id)

@@ -104,8 +104,10 @@ TAKEOVER_SCRIPT = (
     LUA_STATUSES
     + LUA_NOW_MS
     + """
-if redis.call('HGET', KEYS[1], 'status') ~= RUNNING
-   or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
+local status = redis.call('HGET', KEYS[1], 'status')
+-- An external job holds a lease from its creation, queued until its first publish.
+local external = status == QUEUED and redis.call('HGET', KEYS[1], 'producer') == 'external'
+if (status ~= RUNNING and not external) or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
   return {'done'}
 end
 local expiry = math.max(tonumber(redis.call('HGET', KEYS[1], 'lease_expires') or '0'),

@@ -22,6 +22,7 @@ from services.events import CANCELLED, FAILED
 from services.jobs import now_iso
 from services.keys import Keys
 from services.logs import job_scope
+from services.producers import PRODUCER_LOST, is_external
 from services.queue import JobQueue, TakenOver
 from services.redisconn import Redis, raise_lost_cancel
 
@@ -71,7 +72,9 @@ class Reaper:
         taken = await self.queue.takeover(job_id, self.owner, self.lease_s, broker_back_ms)
         if taken is None:
             return 0
-        if not taken.cancel_requested and taken.tokens == 0 and taken.attempts < MAX_ATTEMPTS:
+        if await is_external(self.redis, self.keys, job_id):
+            await self._end(job_id, taken, PRODUCER_LOST)  # never retried: nobody else can publish
+        elif not taken.cancel_requested and taken.tokens == 0 and taken.attempts < MAX_ATTEMPTS:
             log.warning("job %s: worker lost before any token, retrying", job_id)
             await self.queue.requeue(job_id, self.owner)
         else:
@@ -79,7 +82,7 @@ class Reaper:
         await self.queue.settle(job_id, taken.entry_id)
         return 1
 
-    async def _end(self, job_id: str, taken: TakenOver) -> None:
+    async def _end(self, job_id: str, taken: TakenOver, lost: dict[str, str] = WORKER_LOST) -> None:
         writer = JobWriter(
             self.appender,
             self.keys,
@@ -93,7 +96,7 @@ class Reaper:
             if taken.cancel_requested:
                 await writer.finish(CANCELLED, CANCELLED, finished_at=now_iso())
             else:
-                log.warning("job %s: worker lost after %d tokens, failing it", job_id, taken.tokens)
-                await writer.finish(FAILED, None, WORKER_LOST, finished_at=now_iso())
+                log.warning("job %s: %s after %d tokens", job_id, lost["code"], taken.tokens)
+                await writer.finish(FAILED, None, lost, finished_at=now_iso())
         except (Fenced, JobFinished):
             pass  # someone else settled it meanwhile

@@ -8,7 +8,7 @@ from quart_cors import cors
 from services.config import Settings
 from services.logs import AccessLog
 from services.redisconn import Broker
-from web import api, errors, health, pages, stream
+from web import api, errors, health, pages, publish, stream
 from web.context import Context
 from web.models import MAX_BODY_BYTES
 from web.openai import bp as openai_bp
@@ -19,6 +19,7 @@ from web.schemas import install_openapi
 def create_app(settings: Settings, broker: Broker) -> Quart:
     """The web tier of one process, serving from ``broker``."""
     app = Quart(__name__, static_folder=None)  # web/pages.py serves web/static/
+    app.request_class = publish.PublishRequest  # no body limit on the publish route
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -33,7 +34,7 @@ def create_app(settings: Settings, broker: Broker) -> Quart:
     async def stop() -> None:
         await context.stop()
 
-    for blueprint in (api.bp, stream.bp, health.bp, pages.bp):
+    for blueprint in (api.bp, stream.bp, health.bp, pages.bp, publish.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(openai_bp)
     app.register_blueprint(responses_bp)

@@ -66,7 +66,11 @@ class Context:
             tick_s=min(max(settings.keepalive_s / 2, 0.05), 5.0),
         )
         store = JobStore(
-            redis, keys, retention_s=settings.retention_s, max_queued_jobs=settings.max_queued_jobs
+            redis,
+            keys,
+            retention_s=settings.retention_s,
+            max_queued_jobs=settings.max_queued_jobs,
+            lease_s=settings.lease_s,
         )
         reaper = Reaper(
             redis,
