@@ -54,7 +54,7 @@ def allow_cross_origin(app: Quart, origins: tuple[str, ...]) -> None:
     cors(
         app,
         allow_origin=list(origins),
-        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Tokencast-After"],
         allow_methods=["GET", "POST", "DELETE"],
         expose_headers=[
             "Location",

@@ -17,17 +17,17 @@ pytestmark = pytest.mark.timeout(60)
 TEXT = "héllo wörld — 日本語 🎉 ok\n" * 12
 
 # Writes its argument's UTF-8 bytes in odd-sized pieces (cutting characters
-# apart), pausing now and then, then sleeps for argv[2] seconds before closing.
+# apart), pausing argv[3] seconds now and then, then argv[2] seconds before closing.
 WRITER = """
 import os, sys, time
-data, pause = sys.argv[1].encode(), float(sys.argv[2])
+data, pause, gap = sys.argv[1].encode(), float(sys.argv[2]), float(sys.argv[3])
 sizes, i, n = [1, 3, 5, 7, 2], 0, 0
 while i < len(data):
     os.write(1, data[i:i + sizes[n % 5]])
     i += sizes[n % 5]
     n += 1
     if n % 9 == 0:
-        time.sleep(0.03)
+        time.sleep(gap)
 time.sleep(pause)
 """
 
@@ -42,9 +42,10 @@ def web(redis_url):
 class Pipe:
     """``writer | tokencast publish``, with the job id from its first stderr line."""
 
-    def __init__(self, url: str, text: str, pause_s: float = 0.0):
+    def __init__(self, url: str, text: str, pause_s: float = 0.0, gap_s: float = 0.03):
         self.writer = subprocess.Popen(
-            [sys.executable, "-c", WRITER, text, str(pause_s)], stdout=subprocess.PIPE
+            [sys.executable, "-c", WRITER, text, str(pause_s), str(gap_s)],
+            stdout=subprocess.PIPE,
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("TOKENCAST_")}
         self.publisher = subprocess.Popen(
@@ -68,12 +69,15 @@ class Pipe:
             assert self.publisher.stderr is not None
             return code, self.publisher.stderr.read()
         finally:
-            for proc in (self.writer, self.publisher):
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(5)
-            assert self.publisher.stderr is not None
-            self.publisher.stderr.close()
+            self.close()
+
+    def close(self) -> None:
+        for proc in (self.writer, self.publisher):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        assert self.publisher.stderr is not None
+        self.publisher.stderr.close()
 
 
 def state(url: str, job_id: str) -> dict:
@@ -125,3 +129,22 @@ def test_an_unreachable_server_exits_3():
         timeout=30,
     )
     assert result.returncode == 3, result.stderr
+
+
+def test_it_resumes_its_publishing_after_the_node_restarts(redis_url):
+    """The writer keeps writing while the only web node is replaced: the
+    publisher retries each request with its Tokencast-After until a node answers."""
+    with Cluster(redis_url) as cluster:
+        node = cluster.web()
+        pipe = Pipe(node.url, TEXT * 2, gap_s=0.1)  # about 4 s of writing
+        try:
+            wait_until(lambda: state(node.url, pipe.job_id)["tokens"] >= 3, 10, what="tokens")
+            node.stop()
+            cluster.web(port=node.port)
+            code, err = pipe.finish()
+        finally:
+            pipe.close()
+        assert code == 0, err
+        got = state(node.url, pipe.job_id)
+        assert (got["status"], got["text"]) == ("completed", TEXT * 2)
+        assert read_stream(node.url, pipe.job_id).text == TEXT * 2
