@@ -1,11 +1,19 @@
 """Helpers for tests of external producers: jobs, publish requests, and a
-streamed publish timed against its viewers."""
+streamed publish timed against its viewers.
+
+The viewers of a timed publish run in a process of their own
+(``python -m tests.producing <url> <job id> <viewers>``), so that reading
+their streams does not hold back the producer's lines; both note times on
+the machine's monotonic clock, which every process shares.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import time
 
 import httpx
@@ -46,10 +54,16 @@ def publish(
     return httpx.post(f"{base_url}{job['publish_url']}", content=body, headers=headers, timeout=30)
 
 
-async def timed_viewer(client: httpx.AsyncClient, job_id: str, arrived: dict[int, float]) -> None:
+async def timed_viewer(
+    client: httpx.AsyncClient,
+    job_id: str,
+    arrived: dict[int, float],
+    connected: asyncio.Semaphore,
+) -> None:
     """Read the raw stream, noting when each token's text (``t<n> ``) arrives."""
     async with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
         assert response.status_code == 200
+        connected.release()
         buffer = ""
         async for chunk in response.aiter_text():
             now = time.monotonic()
@@ -64,6 +78,22 @@ async def timed_viewer(client: httpx.AsyncClient, job_id: str, arrived: dict[int
                         arrived.setdefault(int(word[1:]), now)
 
 
+async def watch_timed(url: str, job_id: str, viewers: int) -> None:
+    """The viewers' process: prints ``ready`` once every stream is open, then
+    each viewer's arrival times as one JSON line when the job is done."""
+    limits = httpx.Limits(max_connections=viewers + 5)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60), limits=limits) as client:
+        arrivals: list[dict[int, float]] = [{} for _ in range(viewers)]
+        connected = asyncio.Semaphore(0)
+        tasks = [timed_viewer(client, job_id, got, connected) for got in arrivals]
+        watching = asyncio.gather(*tasks)
+        for _ in range(viewers):
+            await connected.acquire()
+        print("ready", flush=True)
+        await asyncio.wait_for(watching, 60)
+    print(json.dumps(arrivals), flush=True)
+
+
 async def streamed_latency(
     base_url: str, count: int = 2000, rate: float = 200, viewers: int = 20
 ) -> list[float]:
@@ -71,11 +101,16 @@ async def streamed_latency(
     a new external job watched by ``viewers``; every viewer's median delay
     (s) between a line being sent and its token arriving."""
     job = create_external(base_url, model="latency-test")
-    limits = httpx.Limits(max_connections=viewers + 5)
-    client = httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(60), limits=limits)
-    arrivals: list[dict[int, float]] = [{} for _ in range(viewers)]
+    watch = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.producing",
+        base_url,
+        job["id"],
+        str(viewers),
+        stdout=subprocess.PIPE,
+    )
     sent: dict[int, float] = {}
-    tasks = [asyncio.create_task(timed_viewer(client, job["id"], got)) for got in arrivals]
 
     async def body():
         start = time.monotonic()
@@ -88,18 +123,25 @@ async def streamed_latency(
         yield b'{"type": "done"}\n'
 
     try:
-        await asyncio.sleep(0.5)  # the viewers are connected
+        assert watch.stdout is not None
+        assert await asyncio.wait_for(watch.stdout.readline(), 30) == b"ready\n"
         headers = {"Authorization": f"Bearer {job['producer_token']}", "Tokencast-After": "0"}
-        response = await client.post(job["publish_url"], content=body(), headers=headers)
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as client:
+            response = await client.post(job["publish_url"], content=body(), headers=headers)
         assert response.status_code == 200, response.text
         assert response.json() == {"last_event_id": str(count + 2), "status": "completed"}
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        out, _ = await asyncio.wait_for(watch.communicate(), 60)
     finally:
-        for task in tasks:
-            task.cancel()
-        await client.aclose()
+        if watch.returncode is None:
+            watch.kill()
+            await watch.wait()
     medians = []
-    for got in arrivals:
-        assert sorted(got) == list(range(count))  # every token, once
-        medians.append(statistics.median(got[n] - sent[n] for n in range(count)))
+    for got in json.loads(out):
+        arrived = {int(n): t for n, t in got.items()}
+        assert sorted(arrived) == list(range(count))  # every token, once
+        medians.append(statistics.median(arrived[n] - sent[n] for n in range(count)))
     return medians
+
+
+if __name__ == "__main__":
+    asyncio.run(watch_timed(sys.argv[1], sys.argv[2], int(sys.argv[3])))

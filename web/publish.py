@@ -278,11 +278,17 @@ class Publication:
             finally:
                 before, items = items, []
                 await self.append(before)  # the lines before a bad one stay
-            if time.monotonic() - self.renewed_at >= self.renew_every_s:
+            if self.renew_due:
                 await self.renew()
         if self.status == JobStatus.RUNNING:
             await self.renew()  # the lease counts from the end of each publish
         return self.status
+
+    @property
+    def renew_due(self) -> bool:
+        """The job is still running and its lease is due for renewal."""
+        elapsed = time.monotonic() - self.renewed_at
+        return self.status == JobStatus.RUNNING and elapsed >= self.renew_every_s
 
     def check_open(self, number: int) -> None:
         if self.status != JobStatus.RUNNING:
