@@ -29,7 +29,7 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("submit", "watch"):
+    if args.command in ("submit", "watch", "publish"):
         return _client_command(args)
     try:
         settings = Settings.from_env()
@@ -89,7 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--seed", type=int)
     watch = sub.add_parser("watch", help="print a job's tokens as they come")
     watch.add_argument("job_id")
-    for command in (submit, watch):
+    publish = sub.add_parser("publish", help="publish standard input to a new external job")
+    publish.add_argument("--model", help="a label for the job (default: the server's default)")
+    publish.add_argument("--prompt", help="the prompt, for the record")
+    for command in (submit, watch, publish):
         command.add_argument("--url", help=f"default: TOKENCAST_URL or {DEFAULT_URL}")
     return parser
 
@@ -127,7 +130,17 @@ def _client_command(args: argparse.Namespace) -> int:
     from services.client import Client
 
     url = args.url or os.environ.get("TOKENCAST_URL") or DEFAULT_URL
-    client = Client(url, api_key=os.environ.get("TOKENCAST_API_KEY") or None)
+    api_key = os.environ.get("TOKENCAST_API_KEY") or None
+    if args.command == "publish":
+        from services.producer_client import Publisher
+
+        record = {"model": args.model, "prompt": args.prompt}
+        given = {field: value for field, value in record.items() if value is not None}
+        try:
+            return Publisher(url, api_key).run(sys.stdin.buffer, given)
+        except KeyboardInterrupt:
+            return 130
+    client = Client(url, api_key=api_key)
     try:
         if args.command == "watch":
             return client.watch(args.job_id)

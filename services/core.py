@@ -2,7 +2,7 @@
 
 A process (a web node, a worker, or ``tokencast dev``, which is both) holds
 one ``Core``: one client and pool, one ``LogAppender`` (so every append of
-the process shares its round trips), one queue, one job store, one reaper
+the process shares its round trips), one queue, one job store, its external jobs, one reaper
 and one model catalog.
 Objects that need a collaborator are handed it here; none builds its own.
 """
@@ -16,6 +16,7 @@ from services.config import Settings
 from services.eventlog import EventLog, LogAppender
 from services.jobs import JobStore
 from services.keys import Keys
+from services.producers import ExternalJobs
 from services.queue import JobQueue
 from services.reaper import Reaper
 from services.redisconn import Broker, Redis
@@ -33,6 +34,7 @@ class Core:
     log: EventLog
     viewers: ViewerCounts
     store: JobStore
+    producers: ExternalJobs  # jobs published over HTTP
     reaper: Reaper
     catalog: ModelCatalog  # the models workers serve, as they advertise them
 
@@ -53,12 +55,14 @@ def assemble(
     queue = JobQueue(redis, keys)
     appender = LogAppender(redis)
     viewers = ViewerCounts(redis, keys)
+    producers = ExternalJobs(redis, keys, queue, appender, lease_s=lease_s, retention_s=retention_s)
     store = JobStore(
         redis,
         keys,
         queue,
         viewers,
         appender,
+        producers,
         retention_s=retention_s,
         max_queued_jobs=max_queued_jobs,
     )
@@ -67,7 +71,7 @@ def assemble(
     )
     log = EventLog(redis, keys)
     catalog = ModelCatalog(redis, keys)
-    return Core(redis, keys, queue, appender, log, viewers, store, reaper, catalog)
+    return Core(redis, keys, queue, appender, log, viewers, store, producers, reaper, catalog)
 
 
 def build_core(settings: Settings, broker: Broker, *, reaper_owner: str) -> Core:

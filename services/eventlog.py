@@ -231,6 +231,7 @@ class JobWriter:
         last_id: int = 0,
         tokens: int = 0,
         reasoning_tokens: int = 0,
+        tool_calls: dict[int, tuple[str, str]] | None = None,
         retry_s: float = 0.0,
     ):
         self.appender = appender
@@ -242,8 +243,9 @@ class JobWriter:
         self.tokens = tokens
         self.reasoning_tokens = reasoning_tokens
         self.retry_s = retry_s
-        # Each tool call's id and name, by index: given by its first fragment only.
-        self._tool_calls: dict[int, tuple[str, str]] = {}
+        # Each tool call's id and name, by index: given by its first fragment only
+        # (``tool_calls``: those an earlier writer of the job already appended).
+        self._tool_calls: dict[int, tuple[str, str]] = dict(tool_calls or {})
         # The events this writer appended lately, the last one of id last_id.
         self._recent: deque[tuple[str, str, str]] = deque(maxlen=RESTORE_WINDOW)
 

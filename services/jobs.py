@@ -21,6 +21,7 @@ from services.eventlog import LogAppender
 from services.events import JobStatus
 from services.keys import Keys
 from services.logscripts import CancelOutcome
+from services.producers import EXTERNAL, ExternalJobs, external_fields, is_external
 from services.queue import JobQueue
 from services.redisconn import Redis, broker_errors
 from services.viewers import ViewerCounts
@@ -64,6 +65,8 @@ class JobSpec:
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # "external": its events come over HTTP (services.producers), never from the queue.
+    producer: str = "worker"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), ensure_ascii=False)
@@ -101,6 +104,7 @@ class JobState:
     finish_reason: str | None
     viewers: int
     metadata: dict[str, str]
+    producer: str = "worker"
 
     @property
     def finished(self) -> bool:
@@ -149,6 +153,7 @@ class JobStore:
         queue: JobQueue,
         viewers: ViewerCounts,
         appender: LogAppender,  # for cancels: they end a queued job's log
+        producers: ExternalJobs,
         *,
         retention_s: float,
         max_queued_jobs: int,
@@ -160,9 +165,13 @@ class JobStore:
         self.queue = queue
         self.viewers = viewers
         self.appender = appender
+        self.producers = producers
 
-    async def create(self, spec: JobSpec) -> JobState:
-        """Store a new job and queue it. Raises ``QueueFull`` past the queue limit."""
+    async def create(self, spec: JobSpec, producer_token: str | None = None) -> JobState:
+        """Store a new job and queue it. Raises ``QueueFull`` past the queue limit.
+
+        An external job (``spec.producer``) is not queued: it takes
+        ``producer_token`` and its lease starts now."""
         job_id = new_job_id()
         created_at = now_iso()
         fields: dict[str, str | int] = {
@@ -174,9 +183,16 @@ class JobStore:
             "tokens": 0,
             "attempts": 0,
         }
+        external = spec.producer == EXTERNAL
+        if external:
+            if producer_token is None:
+                raise ValueError("an external job needs its producer token")
+            fields.update(external_fields(producer_token))
         with broker_errors():
             await self.redis.hset(self.keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
-            if not await self.queue.enqueue(job_id, limit=self.max_queued_jobs):
+            if external:
+                await self.producers.open(job_id, str(fields["owner"]))
+            elif not await self.queue.enqueue(job_id, limit=self.max_queued_jobs):
                 await self.redis.delete(self.keys.job(job_id))
                 raise QueueFull(
                     f"{self.max_queued_jobs} jobs are already waiting for a worker"
@@ -199,6 +215,7 @@ class JobStore:
             finish_reason=None,
             viewers=0,
             metadata=spec.metadata,
+            producer=spec.producer,
         )
 
     async def get(self, job_id: str) -> JobState:
@@ -232,6 +249,7 @@ class JobStore:
             finish_reason=raw.get("finish_reason"),
             viewers=viewers,
             metadata=JobSpec.from_json(raw["spec"]).metadata,
+            producer=raw.get("producer", "worker"),
         )
 
     async def spec(self, job_id: str) -> JobSpec:
@@ -283,4 +301,7 @@ class JobStore:
             raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
         if outcome is CancelOutcome.FINISHED:
             raise JobFinished(f"job {job_id} has already finished")
+        if outcome is CancelOutcome.FLAGGED and await is_external(self.redis, self.keys, job_id):
+            # No worker watches for the flag: end it now; its producer's next publish gets 409.
+            await self.producers.end(job_id, now_iso(), cancel=True)
         return await self.get(job_id)

@@ -99,14 +99,16 @@ return {expiry, redis.call('HGET', KEYS[1], 'cancel') or ''}
 
 # KEYS: job.  ARGV: new owner, lease ms, when the broker was back (ms; 0: never away).
 # Returns {'taken', tokens, attempts, cancel flag, queue entry, last event id,
-# reasoning tokens},
+# reasoning tokens, producer ('' for a worker's job)},
 # {'alive', expiry} or {'done'}.
 TAKEOVER_SCRIPT = (
     LUA_STATUSES
     + LUA_NOW_MS
     + """
-if redis.call('HGET', KEYS[1], 'status') ~= RUNNING
-   or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
+local status = redis.call('HGET', KEYS[1], 'status')
+-- An external job holds a lease from its creation, queued until its first publish.
+local external = status == QUEUED and redis.call('HGET', KEYS[1], 'producer') == 'external'
+if (status ~= RUNNING and not external) or redis.call('HEXISTS', KEYS[1], 'finished_at') == 1 then
   return {'done'}
 end
 local expiry = math.max(tonumber(redis.call('HGET', KEYS[1], 'lease_expires') or '0'),
@@ -118,7 +120,8 @@ return {'taken', tonumber(redis.call('HGET', KEYS[1], 'tokens')),
         redis.call('HGET', KEYS[1], 'cancel') or '',
         redis.call('HGET', KEYS[1], 'queue_entry') or '',
         tonumber(redis.call('HGET', KEYS[1], 'last_event_id')),
-        tonumber(redis.call('HGET', KEYS[1], 'reasoning_tokens') or '0')}
+        tonumber(redis.call('HGET', KEYS[1], 'reasoning_tokens') or '0'),
+        redis.call('HGET', KEYS[1], 'producer') or ''}
 """
 )
 
@@ -190,6 +193,7 @@ class TakenOver:
     entry_id: str
     last_event_id: int
     reasoning_tokens: int
+    external: bool  # its events come from an external producer (services.producers)
 
 
 @dataclass(frozen=True)
@@ -225,14 +229,15 @@ def _decode_renew(reply: Any) -> _Lease | None:
 def _decode_takeover(reply: Any) -> TakenOver | _Lease | None:
     """A ``_Lease``: its owner renewed it after all; ``None``: the job is not running any more."""
     match reply:
-        case ["taken", tokens, attempts, cancel, entry_id, last_event_id, reasoning_tokens]:
+        case ["taken", tokens, attempts, cancel, entry_id, last_event_id, reasoning, producer]:
             return TakenOver(
                 tokens=int(tokens),
                 attempts=int(attempts),
                 cancel_requested=cancel == "1",
                 entry_id=entry_id,
                 last_event_id=int(last_event_id),
-                reasoning_tokens=int(reasoning_tokens),
+                reasoning_tokens=int(reasoning),
+                external=producer == "external",
             )
         case ["alive", expiry]:
             return _Lease(int(expiry))

@@ -22,6 +22,7 @@ from services.events import CANCELLED, FAILED
 from services.jobs import now_iso
 from services.keys import Keys
 from services.logs import job_scope
+from services.producers import PRODUCER_LOST
 from services.queue import JobQueue, TakenOver
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,9 @@ class Reaper:
         if taken is None:
             return 0
         nothing_sent = taken.last_event_id <= 1  # at most its start: a retry repeats nothing
-        if not taken.cancel_requested and nothing_sent and taken.attempts < MAX_ATTEMPTS:
+        if taken.external:
+            await self._end(job_id, taken, PRODUCER_LOST)  # never retried: nobody else can publish
+        elif not taken.cancel_requested and nothing_sent and taken.attempts < MAX_ATTEMPTS:
             log.warning("job %s: worker lost before any token, retrying", job_id)
             await self.queue.requeue(job_id, self.owner)
         else:
@@ -87,7 +90,7 @@ class Reaper:
         await self.queue.settle(job_id, taken.entry_id)
         return 1
 
-    async def _end(self, job_id: str, taken: TakenOver) -> None:
+    async def _end(self, job_id: str, taken: TakenOver, lost: dict[str, str] = WORKER_LOST) -> None:
         writer = JobWriter(
             self.appender,
             self.keys,
@@ -102,7 +105,7 @@ class Reaper:
             if taken.cancel_requested:
                 await writer.finish(CANCELLED, CANCELLED, finished_at=now_iso())
             else:
-                log.warning("job %s: worker lost after %d tokens, failing it", job_id, taken.tokens)
-                await writer.finish(FAILED, None, WORKER_LOST, finished_at=now_iso())
+                log.warning("job %s: %s after %d tokens", job_id, lost["code"], taken.tokens)
+                await writer.finish(FAILED, None, lost, finished_at=now_iso())
         except (Fenced, JobFinished):
             pass  # someone else settled it meanwhile

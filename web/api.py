@@ -13,6 +13,7 @@ from werkzeug.exceptions import UnsupportedMediaType
 from services.errors import JobNotFound
 from services.jobs import JobSpec, JobState, is_job_id
 from services.logs import job_created, set_job_id
+from services.producers import EXTERNAL, new_producer_token
 from web.auth import require_api_key, require_viewer
 from web.context import ctx
 from web.errors import error_response
@@ -82,11 +83,14 @@ def spec_from(req: JobRequest, model: str) -> JobSpec:
         # An empty list says nothing, and some servers refuse one.
         tools=[tool.model_dump(exclude_unset=True) for tool in req.tools] if req.tools else None,
         tool_choice=choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
+        producer=req.producer,
     )
 
 
 def logged_prompt(spec: JobSpec) -> str:
     """What the creation log line shows as the prompt (when prompts are logged)."""
+    if spec.prompt is None and spec.messages is None:
+        return ""  # an external job's record may have neither
     return spec.prompt if spec.prompt is not None else json.dumps(spec.messages, ensure_ascii=False)
 
 
@@ -96,10 +100,10 @@ def viewer_token_for(job_id: str) -> str | None:
     return tokens.issue(job_id) if tokens else None
 
 
-def created_body(state: JobState) -> dict[str, Any]:
+def created_body(state: JobState, producer_token: str | None = None) -> dict[str, Any]:
     token = viewer_token_for(state.id)
     query = f"?token={token}" if token else ""
-    return {
+    body = {
         "id": state.id,
         "status": state.status,
         "model": state.model,
@@ -108,6 +112,11 @@ def created_body(state: JobState) -> dict[str, Any]:
         "watch_url": f"/watch/{state.id}{query}",
         "viewer_token": token,
     }
+    if producer_token is not None:
+        body["producer"] = EXTERNAL
+        body["publish_url"] = f"/v1/jobs/{state.id}/publish"
+        body["producer_token"] = producer_token
+    return body
 
 
 @bp.post("/v1/jobs")
@@ -118,13 +127,19 @@ async def create_job() -> Response:
     require_api_key()
     await check_create_rate()
     req = validate_job(await read_json())
-    model = await model_or_404(req.model)
+    external = req.producer == EXTERNAL
+    # An external job's model is a free label: no backend needs to know it.
+    if external:
+        model: str | Response = req.model or ctx().settings.default_model
+    else:
+        model = await model_or_404(req.model)
     if isinstance(model, Response):
         return model
     spec = spec_from(req, model)
-    state = await ctx().store.create(spec)
+    producer_token = new_producer_token() if external else None
+    state = await ctx().store.create(spec, producer_token)
     job_created(state.id, state.model, logged_prompt(spec))
-    response = jsonify(created_body(state))
+    response = jsonify(created_body(state, producer_token))
     response.status_code = 201
     response.headers["Location"] = f"/v1/jobs/{state.id}"
     return response

@@ -9,7 +9,7 @@ from services.config import Settings
 from services.core import Core
 from services.logs import AccessLog
 from services.redisconn import Broker
-from web import api, errors, health, pages, stream
+from web import api, errors, health, pages, publish, stream
 from web.context import Context
 from web.models import MAX_BODY_BYTES
 from web.openai import bp as openai_bp
@@ -21,6 +21,7 @@ def create_app(settings: Settings, broker: Broker, core: Core | None = None) -> 
     """The web tier of one process, serving from ``broker``, over ``core``
     (``services.core``) if given, else over a core of its own."""
     app = Quart(__name__, static_folder=None)  # web/pages.py serves web/static/
+    app.request_class = publish.PublishRequest  # no body limit on the publish route
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["JSON_SORT_KEYS"] = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
@@ -35,7 +36,7 @@ def create_app(settings: Settings, broker: Broker, core: Core | None = None) -> 
     async def stop() -> None:
         await context.stop()
 
-    for blueprint in (api.bp, stream.bp, health.bp, pages.bp):
+    for blueprint in (api.bp, stream.bp, health.bp, pages.bp, publish.bp):
         app.register_blueprint(blueprint)
     app.register_blueprint(openai_bp)
     app.register_blueprint(responses_bp)
@@ -55,7 +56,7 @@ def allow_cross_origin(app: Quart, origins: tuple[str, ...]) -> None:
     cors(
         app,
         allow_origin=list(origins),
-        allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Tokencast-After"],
         allow_methods=["GET", "POST", "DELETE"],
         expose_headers=[
             "Location",

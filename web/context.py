@@ -17,6 +17,7 @@ from services.hub import Hub
 from services.jobs import JobStore
 from services.keys import Keys
 from services.limits import StreamsPerClient
+from services.producers import ExternalJobs
 from services.redisconn import Broker, ReadyProbe, Redis, cancel_and_wait
 from services.viewer_tokens import ViewerTokens
 
@@ -71,6 +72,11 @@ class Context:
     @property
     def log(self) -> EventLog:
         return self.core.log
+
+    @property
+    def producers(self) -> ExternalJobs:
+        """External jobs' claims, leases and ends (``services.producers``)."""
+        return self.core.producers
 
     @property
     def catalog(self) -> ModelCatalog:

@@ -134,6 +134,7 @@ class JobRequest(BaseModel):
     seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     metadata: dict[MetadataKey, MetadataValue] = Field(default_factory=dict, max_length=16)
     demo: DemoOptions | None = None
+    producer: Literal["worker", "external"] = "worker"
 
 
 # The rule of each field, as the error message states it.
@@ -160,6 +161,7 @@ RULES = {
         " naming one of tools"
     ),
     "model": "a string naming a model that GET /v1/models lists",
+    "producer": '"worker" or "external"',
     "max_tokens": "an integer from 1 to 32,768",
     "max_completion_tokens": "an integer from 1 to 32,768",
     "temperature": "a number from 0 to 2",
@@ -246,7 +248,9 @@ def field_path(loc: tuple[int | str, ...], indices: bool = True) -> str:
 def validate_job(body: dict[str, Any]) -> JobRequest:
     """``POST /v1/jobs``'s body, with the rules between fields; raises ``InvalidField``."""
     job = validate(JobRequest, body)
-    if (job.prompt is None) == (job.messages is None):
+    if job.producer == "external":
+        check_external(job)
+    elif (job.prompt is None) == (job.messages is None):
         given = "both" if job.prompt is not None else "neither"
         raise InvalidField("prompt", f"give exactly one of prompt and messages (got {given})")
     if job.messages is not None:
@@ -273,6 +277,25 @@ def validate_job(body: dict[str, Any]) -> JobRequest:
                 "tool_choice", f"tool_choice names the function {name!r}, which is not in tools"
             )
     return job
+
+
+MAX_LABEL_CHARS = 128
+
+
+def check_external(job: JobRequest) -> None:
+    """An external job: ``prompt`` and ``messages`` are for the record (at most
+    one of them), and ``model`` is a free label."""
+    if job.prompt is not None and job.messages is not None:
+        raise InvalidField("prompt", "give at most one of prompt and messages (got both)")
+    label = job.model
+    if label is not None and not (len(label) <= MAX_LABEL_CHARS and label.isprintable()):
+        raise InvalidField(
+            "model",
+            f"model must be a label of 1 to {MAX_LABEL_CHARS} printable characters"
+            " for an external job",
+        )
+    if job.demo is not None:
+        raise InvalidField("demo", "demo options apply to the demo model's worker jobs only")
 
 
 def check_message(index: int, message: Message) -> None:

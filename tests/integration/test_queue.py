@@ -113,6 +113,7 @@ async def test_takeover_waits_for_the_lease_then_takes_the_job(redis, keys, stor
         entry_id=claim.entry_id,
         last_event_id=0,
         reasoning_tokens=0,
+        external=False,
     )
     assert await queue.renew(claim.job_id, "owner", LEASE_S) == (False, False)
     await redis.hset(keys.job(claim.job_id), "finished_at", now_iso())

@@ -24,6 +24,7 @@ ALLOWED: dict[str, set[str]] = {
     "services": {"services", "redis", "prometheus_client", "itsdangerous"},
     "services.redisconn": {"fakeredis"},  # the embedded broker of `tokencast dev`
     "services.client": {"httpx", "httpx_sse"},  # the terminal client
+    "services.producer_client": {"httpx"},  # tokencast publish
     COMPOSITION_ROOT: {"web.app", "web.server", "worker.main", "uvloop"},
     "web": {
         "services",
