@@ -240,14 +240,15 @@ async def test_a_bad_tool_call_fragment_fails_the_job_and_keeps_what_came_before
     redis, redis_url, keys
 ):
     from services.config import Settings
-    from services.jobs import JobSpec, JobStore
+    from services.jobs import JobSpec
+    from tests.support import core_for_test
     from worker.runner import Worker
 
-    store = JobStore(redis, keys, retention_s=60, max_queued_jobs=10)
+    core = core_for_test(redis, keys, max_queued_jobs=10)
+    store = core.store
     job_id = (await store.create(JobSpec(prompt="p", model="mine"))).id
-    worker = Worker(
-        redis, Settings(redis_url=redis_url, key_prefix=keys.prefix), {"mine": BadToolCallBackend()}
-    )
+    settings = Settings(redis_url=redis_url, key_prefix=keys.prefix)
+    worker = Worker(core, settings, {"mine": BadToolCallBackend()})
     running = asyncio.create_task(worker.run())
     try:
         await eventually(lambda: finished(store, job_id), within_s=20)

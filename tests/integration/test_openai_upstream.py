@@ -28,7 +28,7 @@ from tests.fakes.upstream import (
     FakeUpstream,
 )
 from tests.integration.test_openai_api import chat_stream, content
-from tests.support import Cluster, free_port, job_state, wait_finished, wait_until
+from tests.support import Cluster, core_for_test, free_port, job_state, wait_finished, wait_until
 from worker.backends.base import Job
 from worker.backends.demo import DemoBackend
 from worker.backends.openai import OpenAIBackend, Produced
@@ -256,7 +256,7 @@ async def test_a_stopping_worker_closes_its_backends_once(upstream, redis, keys)
     settings = Settings(key_prefix=keys.prefix, upstream_base_url=upstream.base_url)
     openai_backend, closing = backend_for(upstream.base_url), Closing()
     backends = {"chat": openai_backend, "ok": openai_backend, "one": closing, "two": closing}
-    worker = Worker(redis, settings, {**backends, "demo": DemoBackend()})
+    worker = Worker(core_for_test(redis, keys), settings, {**backends, "demo": DemoBackend()})
     running = asyncio.create_task(worker.run())
     for _ in range(250):  # until its consumer group is made: it is running
         if await redis.exists(keys.queue()):
