@@ -1,4 +1,4 @@
-"""The fan-out benchmark (issue 6): S1-S6 against real processes, one table.
+"""The fan-out benchmark (issue 6): S1-S7 against real processes, one table.
 
     .venv/bin/python -m tests.benchmarks.bench                      # all, 3 runs each, medians
     .venv/bin/python -m tests.benchmarks.bench --scenarios S1,S4 --repeat 1
@@ -6,7 +6,8 @@
 Starts what it needs and stops it, even on Ctrl-C or failure: a Redis on a
 free port, a fresh ``tokencast serve`` (``--workers 2`` for S6) per run
 (``processes.py``), a publisher writing through the worker's real write path
-(``publisher.py``) and load client processes (``client.py``); this module
+(``publisher.py``) or, for S7, an external producer publishing over HTTP
+(``producer.py``), and load client processes (``client.py``); this module
 runs the scenarios and turns what they saw into figures, ``report.py``
 prints them. Server CPU comes from /proc/<pid>/stat, so Linux only.
 ``--profile DIR`` also samples the web process(es) with py-spy over the
@@ -28,7 +29,7 @@ from typing import Any
 
 from deploy.local.cluster import RedisServer, wait_until
 from services.keys import Keys
-from tests.benchmarks import client, procstat, publisher
+from tests.benchmarks import client, procstat, producer, publisher
 from tests.benchmarks.processes import FORK, HOST, SEND_LAG_KEY, Child, Profiler, Server
 from tests.benchmarks.publisher import PublishSpec
 from tests.benchmarks.report import print_profile, print_table, summarise
@@ -46,6 +47,7 @@ class Scenario:
     workers: int = 1
     finish_s: float = 120.0  # how long the viewers may take after publishing ends
     env: dict[str, str] = field(default_factory=dict)
+    external: bool = False  # published over HTTP (producer.py), not through the worker's path
 
 
 SCENARIOS = {
@@ -90,6 +92,15 @@ SCENARIOS = {
             viewers_per_job=1000,
             workers=2,
         ),
+        Scenario(
+            "S7",
+            "external producer: S2 published over HTTP by one producer process",
+            PublishSpec("paced", jobs=200, tokens=600, rate=30),
+            viewers_per_job=5,
+            # Lines renew the lease; none come while the viewers connect.
+            env={"TOKENCAST_LEASE_SECONDS": "120"},
+            external=True,
+        ),
     )
 }
 
@@ -108,7 +119,10 @@ def run_once(scenario: Scenario, redis: RedisServer, args: argparse.Namespace) -
     profiler: Profiler | None = None
     try:
         server.start()
-        pub = Child(publisher.run, redis.url, prefix, progress)
+        if scenario.external:
+            pub = Child(producer.run, HOST, server.port)
+        else:
+            pub = Child(publisher.run, redis.url, prefix, progress)
         helpers.append(pub)
         pub.send("prepare", spec)
         job_ids: list[str] = pub.expect("ready", 120)
@@ -258,6 +272,7 @@ def measure(
         "p99_ms": p99 / 1e6,
         "max_ms": worst / 1e6,
         "web_us": web_cpu * 1e6 / max(tokens, 1),
+        "web_us_published": web_cpu * 1e6 / max(published["tokens"], 1),
         "redis_us": redis_cpu * 1e6 / max(tokens, 1),
         "web_cpu_share": web_cpu / elapsed,
         # Cores busy with anything else on the machine meanwhile (noise).

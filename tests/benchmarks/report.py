@@ -24,6 +24,7 @@ COLUMNS = [
     ("p99_ms", "p99 ms", "{:.1f}"),
     ("max_ms", "max ms", "{:.0f}"),
     ("web_us", "web us/tok", "{:.1f}"),
+    ("web_us_published", "us/pub tok", "{:.0f}"),
     ("redis_us", "redis us/tok", "{:.2f}"),
     ("rss_before_mb", "RSS MB before", "{:.0f}"),
     ("rss_after_mb", "after", "{:.0f}"),
@@ -64,7 +65,8 @@ def print_table(rows: dict[str, dict[str, Any]], repeat: int) -> None:
         f"\nMedians of {repeat} run(s); lost/dup/ooo and max ms: the worst run. Ids counted"
         " with merged ranges expanded. S4's latency columns: each client's time from connect"
         " to its done event. CPU per delivered token over the delivery phase (S4: the whole"
-        " storm). Client CPU: the busiest client process, share of one core"
+        " storm); us/pub tok: web CPU per token published (S7's includes reading its line)."
+        " Client CPU: the busiest client process, share of one core"
         f" ('!' above {CLIENT_BUSY:.0%})."
     )
     for name, row in rows.items():
