@@ -37,12 +37,11 @@ from services.events import (
     tool_call_data,
 )
 from services.items import (
-    CUSTOM_NAME,
-    RESERVED_NAMES,
     CustomEvent,
     InvalidItem,
     Text,
     ToolCallFragment,
+    is_custom_name,
 )
 from services.keys import Keys
 from services.logscripts import (
@@ -289,7 +288,7 @@ class JobWriter:
         if isinstance(item, ToolCallFragment):
             return TOOL_CALL, self._tool_call_data(item), ""
         if isinstance(item, CustomEvent):
-            if item.name in RESERVED_NAMES or not CUSTOM_NAME.fullmatch(item.name):
+            if not is_custom_name(item.name):
                 # parse_item refuses these; an item built directly must not pass either
                 raise InvalidItem("name", f"a custom event may not be named {item.name[:80]!r}")
             return item.name, dumps(item.data), ""

@@ -48,6 +48,11 @@ MAX_MESSAGE_CHARS = 2000
 FINISH_REASONS = ("stop", "length", "tool_calls")
 
 
+def is_custom_name(name: str) -> bool:
+    """A name a custom event may take: the pattern, and none of the reserved names."""
+    return CUSTOM_NAME.fullmatch(name) is not None and name not in RESERVED_NAMES
+
+
 class InvalidItem(ValueError):
     """An item that is not in the publish format; ``field`` names what is wrong."""
 
@@ -135,7 +140,7 @@ def _parse_tool_call(value: dict) -> ToolCallFragment:
 
 def _parse_custom(value: dict) -> CustomEvent:
     name = _required(value, "name", str)
-    if not CUSTOM_NAME.fullmatch(name) or name in RESERVED_NAMES:
+    if not is_custom_name(name):
         raise InvalidItem(
             "name",
             "name must be 1 to 64 characters of a-z, 0-9, _, . and -, starting with a letter,"
