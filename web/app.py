@@ -15,6 +15,7 @@ from web.models import MAX_BODY_BYTES
 from web.openai import bp as openai_bp
 from web.responses import bp as responses_bp
 from web.schemas import install_openapi
+from web.stream_asgi import EventStreams
 
 
 def create_app(settings: Settings, broker: Broker, core: Core | None = None) -> Quart:
@@ -44,8 +45,9 @@ def create_app(settings: Settings, broker: Broker, core: Core | None = None) -> 
     install_openapi(app)
     if settings.cors_origins:
         allow_cross_origin(app, settings.cors_origins)
-    # Outermost: a request id and an access line for every request, errors included.
-    app.asgi_app = AccessLog(app.asgi_app)  # type: ignore[method-assign]
+    # Event streams are served in front of Quart (web/stream_asgi.py says why);
+    # outermost: a request id and an access line for every request, errors included.
+    app.asgi_app = AccessLog(EventStreams(app.asgi_app, context))  # type: ignore[method-assign]
     return app
 
 

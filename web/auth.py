@@ -14,7 +14,7 @@ import hmac
 from quart import request
 
 from services.viewer_tokens import Verdict
-from web.context import ctx
+from web.context import Context, ctx
 
 REFUSALS = {
     Verdict.EXPIRED: "the viewer token has expired",
@@ -34,18 +34,25 @@ class AccessDenied(Exception):
 
 
 def bearer() -> str | None:
-    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    return bearer_of(request.headers.get("Authorization", ""))
+
+
+def bearer_of(authorization: str) -> str | None:
+    """The credentials of an ``Authorization: Bearer …`` header value."""
+    scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() != "bearer" or not credentials.strip():
         return None
     return credentials.strip()
 
 
-def is_api_key(candidate: str | None) -> bool:
+def is_api_key(candidate: str | None, api_keys: tuple[str, ...] | None = None) -> bool:
+    """``candidate`` is one of ``api_keys`` (the node's, by default)."""
     if candidate is None:
         return False
     given = candidate.encode()
+    keys = ctx().settings.api_keys if api_keys is None else api_keys
     # Every configured key is compared, so the time taken says nothing about which matched.
-    matches = [hmac.compare_digest(given, key.encode()) for key in ctx().settings.api_keys]
+    matches = [hmac.compare_digest(given, key.encode()) for key in keys]
     return any(matches)
 
 
@@ -64,10 +71,15 @@ def require_api_key() -> None:
 
 def require_viewer(job_id: str) -> None:
     """Raise ``AccessDenied`` unless viewer tokens are off or the request may watch ``job_id``."""
-    tokens = ctx().viewer_tokens
+    check_viewer(ctx(), job_id, request.args.get("token") or bearer())
+
+
+def check_viewer(context: Context, job_id: str, token: str | None) -> None:
+    """Raise ``AccessDenied`` unless viewer tokens are off or ``token`` (the
+    request's ``?token=`` or Bearer credentials) may watch ``job_id``."""
+    tokens = context.viewer_tokens
     if tokens is None:
         return
-    token = request.args.get("token") or bearer()
     if token is None:
         raise AccessDenied(
             401,
@@ -75,7 +87,7 @@ def require_viewer(job_id: str) -> None:
             "watching this job needs its viewer token: ?token=<viewer_token>"
             " or Authorization: Bearer <viewer_token>",
         )
-    if is_api_key(token):
+    if is_api_key(token, context.settings.api_keys):
         return
     verdict = tokens.check(token, job_id)
     if verdict is not Verdict.VALID:

@@ -12,12 +12,17 @@ from web.context import ctx
 
 def client_address() -> str:
     """The client's address: the last hop a trusted proxy added, else the peer."""
-    if ctx().settings.trust_proxy:
-        forwarded = request.headers.get("X-Forwarded-For", "")
+    forwarded = request.headers.get("X-Forwarded-For", "")
+    return address_of(ctx().settings.trust_proxy, forwarded, request.remote_addr)
+
+
+def address_of(trust_proxy: bool, forwarded: str, peer: str | None) -> str:
+    """The last hop in ``forwarded`` (X-Forwarded-For) when the proxy is trusted, else ``peer``."""
+    if trust_proxy:
         hops = [hop.strip() for hop in forwarded.split(",") if hop.strip()]
         if hops:
             return hops[-1]
-    return request.remote_addr or "unknown"
+    return peer or "unknown"
 
 
 async def check_create_rate() -> None:
