@@ -135,12 +135,38 @@ def assemble_tool_calls(fragments: list[str]) -> list[dict[str, Any]]:
     return list(calls.values())
 
 
+@dataclass(frozen=True, slots=True)
+class JobHead:
+    """What every OpenAI chunk of a job repeats: its id, model and creation time."""
+
+    id: str
+    model: str
+    created_at: str
+
+
 @dataclass(frozen=True)
 class StreamPosition:
     """What a new stream needs to know before it starts."""
 
     last_event_id: int
     finished: bool
+
+
+# The job hash's fields a job's state shows (``JobStore.get``).
+STATE_FIELDS = [
+    "status",
+    "model",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "tokens",
+    "last_event_id",
+    "error_code",
+    "error_message",
+    "finish_reason",
+    "metadata",
+    "producer",
+]
 
 
 class JobStore:
@@ -179,6 +205,9 @@ class JobStore:
             "model": spec.model,
             "created_at": created_at,
             "spec": spec.to_json(),
+            # Apart from the spec (up to 1 MiB with a conversation), so
+            # reading a job's state never parses the spec.
+            "metadata": json.dumps(spec.metadata),
             "last_event_id": 0,
             "tokens": 0,
             "attempts": 0,
@@ -222,14 +251,18 @@ class JobStore:
         """The job's state; raises ``JobNotFound`` for an unknown or expired job."""
         with broker_errors():
             async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.hgetall(self.keys.job(job_id))
+                pipe.hmget(self.keys.job(job_id), STATE_FIELDS)
                 pipe.get(self.keys.text(job_id))
                 pipe.get(self.keys.reasoning(job_id))
                 pipe.lrange(self.keys.tool_calls(job_id), 0, -1)
-                raw, text, reasoning, fragments = await pipe.execute()
-            if not raw:
+                values, text, reasoning, fragments = await pipe.execute()
+            fields = zip(STATE_FIELDS, values, strict=True)
+            raw = {name: value for name, value in fields if value is not None}
+            if "status" not in raw:
                 raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
             viewers = await self.viewers.total(job_id)
+            if "metadata" not in raw:  # a job stored before its metadata had a field
+                raw["metadata"] = json.dumps((await self.spec(job_id)).metadata)
         error = None
         if raw.get("error_code"):
             error = {"code": raw["error_code"], "message": raw.get("error_message", "")}
@@ -248,7 +281,7 @@ class JobStore:
             error=error,
             finish_reason=raw.get("finish_reason"),
             viewers=viewers,
-            metadata=JobSpec.from_json(raw["spec"]).metadata,
+            metadata=json.loads(raw["metadata"]),
             producer=raw.get("producer", "worker"),
         )
 
@@ -271,6 +304,17 @@ class JobStore:
     async def exists(self, job_id: str) -> bool:
         with broker_errors():
             return bool(await self.redis.exists(self.keys.job(job_id)))
+
+    async def head(self, job_id: str) -> JobHead:
+        """The job's id, model and creation time; raises ``JobNotFound``."""
+        with broker_errors():
+            fields: list[str | None] = await self.redis.hmget(  # type: ignore[assignment]
+                self.keys.job(job_id), ["model", "created_at"]
+            )
+        model, created_at = fields
+        if model is None or created_at is None:
+            raise JobNotFound(f"no job with id {job_id!r} (unknown, or expired)")
+        return JobHead(job_id, model, created_at)
 
     async def position(self, job_id: str) -> StreamPosition:
         """Where the job's log ends; raises ``JobNotFound``."""

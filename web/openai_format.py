@@ -24,7 +24,7 @@ from typing import Any
 
 from services.events import DONE, FAILED, START, TOKEN, Event, dumps
 from services.items import REASONING, TOOL_CALL
-from services.jobs import JobState
+from services.jobs import JobHead, JobState
 from web.models import InvalidField
 from web.sse import COMMENT_KEEPALIVE_FRAME, Encoding
 
@@ -99,7 +99,7 @@ class ChunkEncoder:
     include_usage: bool = False
 
     @classmethod
-    def for_job(cls, state: JobState, include_usage: bool = False) -> ChunkEncoder:
+    def for_job(cls, state: JobState | JobHead, include_usage: bool = False) -> ChunkEncoder:
         return cls(state.id, state.model, unix_seconds(state.created_at), include_usage)
 
     @property

@@ -125,8 +125,8 @@ async def plan_stream(context: Context, ask: StreamAsk) -> StreamPlan | Refusal 
         return NO_CONTENT
     if fmt == "openai":
         include_usage = include_usage_param(ask.query.get("include_usage"))
-        state = await context.store.get(job_id)
-        encoding, retry_ms = ChunkEncoder.for_job(state, include_usage).encoding(), None
+        head = await context.store.head(job_id)
+        encoding, retry_ms = ChunkEncoder.for_job(head, include_usage).encoding(), None
     else:
         encoding, retry_ms = NATIVE_ENCODING, context.settings.retry_ms
     return StreamPlan(job_id, after, encoding, retry_ms, position.finished, ahead, ask.address)

@@ -126,3 +126,17 @@ async def test_takeover_waits_for_the_lease_then_takes_the_job(redis, keys, stor
 def test_a_reply_outside_the_protocol_is_an_unexpected_reply(decode, reply):
     with pytest.raises(UnexpectedReply, match="script answered"):
         decode(reply)
+
+
+async def test_a_jobs_state_and_head_without_reading_its_spec(redis, keys, store):
+    spec = JobSpec(prompt="p" * 1000, model="demo", metadata={"team": "a"})
+    created = await store.create(spec)
+    state = await store.get(created.id)
+    assert state.metadata == {"team": "a"}
+    head = await store.head(created.id)
+    assert (head.id, head.model, head.created_at) == (created.id, "demo", created.created_at)
+    # A job stored before its metadata had a field of its own: read from the spec.
+    await redis.hdel(keys.job(created.id), "metadata")
+    assert (await store.get(created.id)).metadata == {"team": "a"}
+    with pytest.raises(JobNotFound):
+        await store.head("AAAAAAAAAAAAAAAAAAAAAA")
