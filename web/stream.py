@@ -219,10 +219,10 @@ async def _event_stream(
     """``ahead``: ``after`` is past the log's end (see ``Feed.open``)."""
     context.client_streams.opened(address)
     session = None
+    # The retry line goes out with the first frames: one write to the socket
+    # per stream opened instead of two.
+    opening = b"" if retry_ms is None else retry_frame(retry_ms)
     try:
-        if retry_ms is not None:
-            yield retry_frame(retry_ms)
-            raise_lost_cancel()
         session = await context.feed.open(job_id, after, finished, ahead)
         while session is not None:
             step = await session.next()
@@ -230,12 +230,16 @@ async def _event_stream(
                 frames = encoding.frames(step.events, step.after)
                 metrics.BYTES_SENT.inc(len(frames))
                 count_events(len(step.events))
-                yield frames
+                chunk = opening + frames if opening else frames
             elif step is END:
-                return
+                break
             else:
-                yield encoding.keepalive
+                chunk = opening + encoding.keepalive
+            opening = b""
+            yield chunk
             raise_lost_cancel()
+        if opening:
+            yield opening  # the stream ends before anything else was sent
     finally:
         if session is not None:
             session.close()
