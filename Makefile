@@ -45,7 +45,7 @@ test-failover: $(STAMP)
 test-soak: $(STAMP)
 	$(BIN)/python -m pytest -m soak -s
 
-# The fan-out benchmark (starts its own Redis and processes; about 7 minutes).
+# The fan-out benchmark (starts its own Redis and processes; about 8 minutes).
 # A quick look: make bench BENCH_ARGS="--scenarios S1,S4 --repeat 1"
 bench: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.bench $(BENCH_ARGS)

@@ -1,4 +1,4 @@
-"""The fan-out benchmark (issue 6): S1-S7 against real processes, one table.
+"""The fan-out benchmark (issues 6 and 16): S1-S8 against real processes, one table.
 
     .venv/bin/python -m tests.benchmarks.bench                      # all, 3 runs each, medians
     .venv/bin/python -m tests.benchmarks.bench --scenarios S1,S4 --repeat 1
@@ -9,9 +9,12 @@ free port, a fresh ``tokencast serve`` (``--workers 2`` for S6) per run
 (``publisher.py``) or, for S7, an external producer publishing over HTTP
 (``producer.py``), and load client processes (``client.py``); this module
 runs the scenarios and turns what they saw into figures, ``report.py``
-prints them. Server CPU comes from /proc/<pid>/stat, so Linux only.
+prints them. Server CPU comes from /proc/<pid>/stat, so Linux only; Redis's
+time per command from ``INFO commandstats`` (``commandstats.py``).
 ``--profile DIR`` also samples the web process(es) with py-spy over the
-measured phase and prints where the time went.
+measured phase and prints where the time went. With ``--pin`` (the default
+on two cores or more) the server and its Redis run on CPU 0 and everything
+else the bench starts on CPU 1, as issue 16's side-by-side harness did.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import secrets
 import signal
 import sys
@@ -29,12 +33,13 @@ from typing import Any
 
 from deploy.local.cluster import RedisServer, wait_until
 from services.keys import Keys
-from tests.benchmarks import client, procstat, producer, publisher
+from tests.benchmarks import client, commandstats, procstat, producer, publisher
 from tests.benchmarks.processes import FORK, HOST, SEND_LAG_KEY, Child, Profiler, Server
 from tests.benchmarks.publisher import PublishSpec
 from tests.benchmarks.report import print_profile, print_table, summarise
 
 OPEN_WAIT_S = client.OPEN_TIMEOUT_S + 15
+SERVER_CPU, LOAD_CPU = 0, 1  # --pin: the server and its Redis; the rest
 
 
 @dataclass(frozen=True)
@@ -101,8 +106,17 @@ SCENARIOS = {
             env={"TOKENCAST_LEASE_SECONDS": "120"},
             external=True,
         ),
+        Scenario(
+            "S8",
+            "resume storm on a running job: S4's 500 clients while the job goes on at 50 tokens/s",
+            # It ends once every viewer has caught up (at most 30 s).
+            PublishSpec("running", tokens=1000, rate=50, seconds=30),
+            viewers_per_job=500,
+            after=500,
+        ),
     )
 }
+STORMS = ("history", "running")  # modes whose measured phase is the opening itself
 
 
 # One run.
@@ -113,12 +127,16 @@ def run_once(scenario: Scenario, redis: RedisServer, args: argparse.Namespace) -
     if spec.mode == "window":
         spec = replace(spec, window=args.window)
     prefix = f"bench-{secrets.token_hex(4)}"
-    progress = FORK.Array("q", [1] * args.clients, lock=False) if spec.mode == "window" else None
+    follows = spec.mode in ("window", "running")  # the publisher reads the viewers' progress
+    progress = FORK.Array("q", [1] * args.clients, lock=False) if follows else None
     helpers: list[Child] = []
     server = Server(redis.url, prefix, scenario.workers, scenario.env)
     profiler: Profiler | None = None
+    storm = spec.mode in STORMS  # the storm itself is what is measured
     try:
         server.start()
+        if args.pin:
+            server.pin(SERVER_CPU)
         if scenario.external:
             pub = Child(producer.run, HOST, server.port)
         else:
@@ -137,26 +155,26 @@ def run_once(scenario: Scenario, redis: RedisServer, args: argparse.Namespace) -
         helpers += clients
         rss_before = server.rss()
         before_open = sample(server, redis)
-        storm = spec.mode == "history"  # the storm itself is what is measured
-        if storm:
-            start = before_open
-        # S3's and S4's cost is in opening the streams: profile that too.
-        if args.profile and spec.mode in ("history", "one"):
+        # S3's, S4's and S8's cost is in opening the streams: profile that too.
+        if args.profile and (storm or spec.mode == "one"):
             profiler = Profiler(server.pids, Path(args.profile), f"{scenario.name}-{prefix}")
+        go_ns = time.time_ns()
+        if spec.mode == "running":
+            pub.send("go")  # the job goes on while its viewers come back
         for c in clients:
             c.send("open")
         opened = [c.expect("opened", OPEN_WAIT_S) for c in clients]
         rss_open = server.rss()
-        open_cpu_s = server.cpu() - before_open["web"]
+        after_open = sample(server, redis)
         nodes = {}
         if scenario.workers > 1:
             nodes = streams_per_node(redis, Keys(prefix), job_ids[0], scenario.viewers_per_job)
-        if not storm:
-            start = sample(server, redis)
+        start = before_open if storm else sample(server, redis)
         if args.profile and not profiler:
             profiler = Profiler(server.pids, Path(args.profile), f"{scenario.name}-{prefix}")
-        go_ns = time.time_ns()
-        pub.send("go")
+        if spec.mode != "running":
+            go_ns = time.time_ns()
+            pub.send("go")
         published = pub.expect("published", spec.seconds + spec.tokens / (spec.rate or 1e9) + 120)
         for c in clients:
             c.send("finish", scenario.finish_s)
@@ -177,11 +195,9 @@ def run_once(scenario: Scenario, redis: RedisServer, args: argparse.Namespace) -
         published,
         opened,
         results,
-        start,
-        end,
+        {"before_open": before_open, "after_open": after_open, "start": start, "end": end},
         go_ns,
         {"before": rss_before, "open": rss_open, "after": rss_after},
-        open_cpu_s,
         profiler.paths if profiler else [],
         nodes,
     )
@@ -195,6 +211,7 @@ def sample(server: Server, redis: RedisServer) -> dict[str, float]:
         "machine": procstat.machine_busy_seconds(),
         "t": time.monotonic(),
         **server.counters(),
+        **commandstats.sample(redis),
     }
 
 
@@ -218,15 +235,15 @@ def measure(
     published: dict[str, Any],
     opened: list[dict[str, Any]],
     results: list[dict[str, Any]],
-    start: dict[str, float],
-    end: dict[str, float],
+    samples: dict[str, dict[str, float]],
     go_ns: int,
     rss: dict[str, int],
-    open_cpu_s: float,
     profiles: list[Path],
-    nodes: dict[str, str],
+    nodes: dict[str, int],
 ) -> dict[str, Any]:
-    """The table's figures for one run."""
+    """The table's figures for one run. ``samples``: the server's and Redis's
+    counters before and after the opening and the measured phase."""
+    start, end = samples["start"], samples["end"]
     final_ids = published["final_ids"]
     rows = [row for result in results for row in result["streams"]]
     expected = sum(final_ids[job] - after for job, after, *_ in rows)
@@ -238,8 +255,9 @@ def measure(
         for i in range(client.BUCKETS):
             if counts[i]:
                 histogram[i] += counts[i]
-    if scenario.publish.mode == "history":
-        # Old tokens: the figure is how long each client took, connect to done.
+    storm = scenario.publish.mode in STORMS
+    if storm:
+        # Mostly old tokens: the figure is how long each client took, connect to done.
         times = sorted(row[10] - row[8] for row in rows if row[10])
         p50, p99, worst = (pick(times, 0.50), pick(times, 0.99), times[-1]) if times else (0,) * 3
         first, last = min(row[8] for row in rows), max(row[10] for row in rows)
@@ -252,7 +270,7 @@ def measure(
     elapsed = max(end["t"] - start["t"], 1e-9)
     client_cpu = sum(r["cpu_s"] for r in results)
     ours = web_cpu + redis_cpu + client_cpu + published["cpu_s"]
-    if scenario.publish.mode == "history":  # the storm is the opening
+    if storm:  # the storm is the opening
         client_share = [
             (r["open_cpu_s"] + r["cpu_s"]) / max(r["open_wall_s"] + r["wall_s"], 1e-9)
             for r in results
@@ -281,7 +299,7 @@ def measure(
         "rss_after_mb": rss["after"] / 2**20,
         "kb_stream": (rss["open"] - rss["before"]) / 1024 / max(len(rows), 1),
         "open_s": max(o["open_s"] for o in opened),
-        "open_ms_per_stream": open_cpu_s * 1e3 / max(len(rows), 1),  # web CPU
+        **opening_costs(samples["before_open"], samples["after_open"], len(rows)),
         "client_max": max(client_share),
         "client_total": sum(client_share),
         # Not meaningful when everything was written beforehand (S4).
@@ -293,9 +311,39 @@ def measure(
         else None,
         "catch_ups": end["catch_ups"] - start["catch_ups"] if "catch_ups" in start else None,
         "server_p99_ms": send_lag_p99_ms(start, end),
+        **append_costs(start, end, tokens),
         "client_cpu_s": client_cpu,
         "profiles": [str(p) for p in profiles],
         "nodes": nodes,
+    }
+
+
+def opening_costs(
+    before: dict[str, float], after: dict[str, float], streams: int
+) -> dict[str, Any]:
+    """Web and Redis CPU, and Redis's commands, per stream opened."""
+    commands = commandstats.between(before, after)
+    per = max(streams, 1)
+    return {
+        "open_web_us": (after["web"] - before["web"]) * 1e6 / per,
+        "open_redis_us": (after["redis"] - before["redis"]) * 1e6 / per,
+        "open_commands": sum(calls for calls, _usec in commands.values()) / per,
+        "open_command_us": sum(usec for _calls, usec in commands.values()) / per,
+        "open_costliest": commandstats.costliest(commands, per=per),
+    }
+
+
+def append_costs(start: dict[str, float], end: dict[str, float], tokens: int) -> dict[str, Any]:
+    """Redis's cost of the appends (an ``EVALSHA`` each) over the measured phase."""
+    commands = commandstats.between(start, end)
+    appends, append_usec = commands.get("evalsha", (0.0, 0.0))
+    return {
+        "appends": appends,
+        "append_us": append_usec / max(appends, 1),
+        # All of Redis's CPU (reads and pub/sub too) over the appends.
+        "redis_cpu_per_append_us": (end["redis"] - start["redis"]) * 1e6 / max(appends, 1),
+        "command_us_tok": sum(usec for _calls, usec in commands.values()) / max(tokens, 1),
+        "costliest": commandstats.costliest(commands),
     }
 
 
@@ -344,7 +392,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", metavar="DIR", help="py-spy the web process(es) into DIR")
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures here")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        help=f"server and Redis on CPU {SERVER_CPU}, the rest on CPU {LOAD_CPU}"
+        " (default: on when both are there)",
+    )
     args = parser.parse_args(argv)
+    both = {SERVER_CPU, LOAD_CPU} <= os.sched_getaffinity(0)
+    if args.pin is None:
+        args.pin = both
+    elif args.pin and not both:
+        parser.error(f"--pin needs CPUs {SERVER_CPU} and {LOAD_CPU}")
     args.names = [name.strip().upper() for name in args.scenarios.split(",") if name.strip()]
     unknown = [name for name in args.names if name not in SCENARIOS]
     if unknown or args.repeat < 1 or args.clients < 1:
@@ -357,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     client.raise_fd_limit()
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)  # even where the shell started us ignoring it
+    if args.pin:
+        os.sched_setaffinity(0, {LOAD_CPU})  # what we start inherits it; the server moves
+    print(f"cores: {core_layout(args)}", file=sys.stderr, flush=True)
     loop_s = procstat.python_loop_seconds()  # before anything else runs
     try:
         rows, every = run_all(args)
@@ -369,12 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         f"  machine: a {procstat.SPEED_LOOP_STEPS:,}-step Python loop took {loop_s:.2f} s of CPU"
         " (compare tables only from machines with a similar figure)"
     )
+    print(f"  cores: {core_layout(args)}")
     if args.profile:
         for name, runs in every.items():
             print(f"\nprofile {name} (py-spy, web process(es), measured phase):")
             print_profile([p for run in runs for p in run["profiles"]])
     if args.json:
-        figures = {"python_loop_s": loop_s, "rows": rows, "runs": every}
+        figures = {"python_loop_s": loop_s, "pinned": args.pin, "rows": rows, "runs": every}
         Path(args.json).write_text(json.dumps(figures, indent=1))
     return 0
 
@@ -384,6 +447,9 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[di
     rows: dict[str, dict[str, Any]] = {}
     every: dict[str, list[dict[str, Any]]] = {}
     with RedisServer().start() as redis:
+        if args.pin:
+            assert redis.process is not None
+            procstat.pin(redis.process.pid, SERVER_CPU)
         for name in args.names:
             scenario = SCENARIOS[name]
             print(f"{name} {scenario.title}", file=sys.stderr, flush=True)
@@ -400,6 +466,19 @@ def run_all(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[di
                 )
             rows[name] = summarise(every[name])
     return rows, every
+
+
+def core_layout(args: argparse.Namespace) -> str:
+    """What shared each core, in words."""
+    if not args.pin:
+        return "not pinned (--no-pin): any process on any core"
+    load = f"the {args.clients} load client processes, the publisher (S7: the producer)"
+    load += ", the bench's driver" + (" and py-spy" if args.profile else "")
+    shared = " (S6: both web processes)" if "S6" in args.names else ""
+    return (
+        f"CPU {SERVER_CPU}: the web process(es){shared} and Redis; CPU {LOAD_CPU}: {load};"
+        " other work on the machine may run on either"
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:

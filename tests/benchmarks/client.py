@@ -265,11 +265,14 @@ class Client:
         return {"open_s": self.open_wall_s, "opened": self.opened, "errors": self.connect_errors}
 
     async def track_progress(self) -> None:
-        """Publish the lowest id any open stream has reached (the publisher's window)."""
+        """Publish the lowest id any open stream has reached (the publisher's
+        window, or whether a storm has caught up). Before ``open`` there is none
+        yet: the first value stays."""
         assert self.progress is not None
         while True:
-            live = [s.last for s in self.streams if not s.ended]
-            self.progress[self.slot] = min(live) if live else 1 << 62
+            if self.streams:
+                live = [s.last for s in self.streams if not s.ended]
+                self.progress[self.slot] = min(live) if live else 1 << 62
             await asyncio.sleep(PROGRESS_EVERY_S)
 
     async def finish(self, timeout_s: float) -> dict[str, Any]:

@@ -64,6 +64,11 @@ class Server:
             self.pids = [self.process.pid]
         return self
 
+    def pin(self, cpu: int) -> None:
+        """Every process of the server (``--workers``' supervisor too) on ``cpu``."""
+        for pid in {self.process.pid, *self.pids}:
+            procstat.pin(pid, cpu)
+
     def cpu(self) -> float:
         return procstat.total_cpu(self.pids)
 

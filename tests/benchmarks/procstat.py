@@ -1,7 +1,8 @@
-"""CPU time and memory of running processes, from /proc (Linux only)."""
+"""CPU time, memory and placement on cores of running processes, from /proc (Linux only)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -28,6 +29,17 @@ def children(pid: int) -> list[int]:
         return [int(child) for child in path.read_text().split()]
     except FileNotFoundError:
         return []
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Run every thread of the process on ``cpu`` only (threads it starts later inherit it).
+
+    ``sched_setaffinity`` moves one thread: a process's helper threads (Redis's
+    background ones, a web process's) would stay where they were.
+    """
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # the thread has ended
+            os.sched_setaffinity(int(task.name), {cpu})
 
 
 def total_cpu(pids: list[int]) -> float:

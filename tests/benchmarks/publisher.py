@@ -9,7 +9,8 @@ tell each token's latency, merged or not.
 
 It runs in its own process and takes orders over a pipe:
 ``("prepare", spec)`` → ``("ready", job_ids)``, ``("go",)`` →
-``("published", report)``.
+``("published", report)``. Modes that follow the viewers (``window``,
+``running``) read the lowest id each client process's viewers have.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ class PublishSpec:
     """What to publish. ``mode``: ``paced`` (``tokens`` per job at ``rate``
     tokens/s, job starts spread over one token interval), ``window`` (one job,
     for ``seconds``, never more than ``window`` tokens ahead of the slowest
-    viewer), ``one`` (one token, then done: for idle streams), or ``history``
-    (``tokens`` written and the job finished before any viewer comes)."""
+    viewer), ``one`` (one token, then done: for idle streams), ``history``
+    (``tokens`` written and the job finished before any viewer comes), or
+    ``running`` (``tokens`` written before any viewer comes, then more at
+    ``rate`` while they come, until every viewer has those first ones or
+    ``seconds`` are up, then done)."""
 
     mode: str
     jobs: int = 1
@@ -102,9 +106,11 @@ class Publisher:
             writer = JobWriter(self.appender, self.keys, job_id, OWNER, retention_s=RETENTION_S)
             await writer.start("demo", now_iso())
             self.writers.append(writer)
-        if spec.mode == "history":
+        if spec.mode in ("history", "running"):
             for writer in self.writers:
                 await pump(unpaced(spec.tokens), writer, "the bench")
+        if spec.mode == "history":
+            for writer in self.writers:
                 await writer.finish(COMPLETED, "stop", finished_at=now_iso())
         return [writer.job_id for writer in self.writers]
 
@@ -118,7 +124,9 @@ class Publisher:
                 )
             )
         elif spec.mode == "window":
-            await self._windowed(self.writers[0], spec)
+            await self._finished(self.writers[0], self._within_window(spec))
+        elif spec.mode == "running":
+            await self._finished(self.writers[0], self._until_caught_up(self.writers[0], spec))
         elif spec.mode == "one":
             for writer in self.writers:
                 await writer.append(token_items([stamp()]))
@@ -136,8 +144,8 @@ class Publisher:
         await pump(paced(spec.tokens, spec.rate), writer, "the bench")
         await writer.finish(COMPLETED, "stop", finished_at=now_iso())
 
-    async def _windowed(self, writer: JobWriter, spec: PublishSpec) -> None:
-        await pump(self._within_window(spec), writer, "the bench")
+    async def _finished(self, writer: JobWriter, tokens: AsyncIterator[str]) -> None:
+        await pump(tokens, writer, "the bench")
         await writer.finish(COMPLETED, "stop", finished_at=now_iso())
 
     async def _within_window(self, spec: PublishSpec) -> AsyncIterator[str]:
@@ -153,6 +161,19 @@ class Publisher:
             next_id += 1
             if next_id % 64 == 0:
                 await asyncio.sleep(0)  # let pump's append task run
+
+    async def _until_caught_up(self, writer: JobWriter, spec: PublishSpec) -> AsyncIterator[str]:
+        """Tokens at ``spec.rate`` until every viewer has the events the job had
+        when they came (so the job ends once the storm is over), or ``spec.seconds``.
+
+        Not "has every event so far": under load a live viewer is always a
+        few tokens behind, and the job would run to ``spec.seconds``."""
+        assert self.progress is not None
+        history = writer.last_id
+        async for text in paced(int(spec.seconds * spec.rate), spec.rate):
+            if min(self.progress) >= history:
+                return
+            yield text
 
 
 def stamp() -> str:
