@@ -8,6 +8,8 @@ The order is the invariant (DESIGN.md, 2), and this module is where it is kept:
 2. Replay: a new ``Viewer`` starts lagging, so the first step of
    ``FeedSession.next`` reads the log after the viewer's Last-Event-ID (a page
    at a time, merged). An event published during that read is in the buffer.
+   Viewers of one job resuming from one id share a read (``Topic.catch_up_read``
+   says when that is sound).
 3. Live: then each step takes the buffered events after the last id sent, so
    ids already sent are dropped. A gap (the viewer fell behind the buffer,
    or pub/sub skipped ids) or a resubscribe sends it back to 2.
@@ -27,7 +29,7 @@ from services.events import DONE, FAILED, Event, done_data
 from services.history import FinishedLogs
 from services.hub import Hub
 from services.resume import coalesce, next_run
-from services.topic import Viewer
+from services.topic import LogPage, Topic, Viewer
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ LOG_LOST = {
 class Batch:
     """Events to send, in id order, following id ``after`` (tokens read from
     the log come merged). Not frozen: one is built per batch sent, and a
-    frozen dataclass costs twice as much to build."""
+    frozen dataclass costs twice as much to build. ``events`` may be shared
+    with the job's other viewers (a shared read, a finished log): never
+    change the list or its events."""
 
     events: list[Event]
     after: int
@@ -122,27 +126,33 @@ class Feed:
             return False
 
     async def read_log(
-        self, job_id: str, sent: int, finished: bool = False
+        self, topic: Topic, sent: int, finished: bool = False
     ) -> tuple[list[Event], bool]:
         """The job's events after id ``sent``, read from the log (or the
         finished-log cache when ``finished``) with tokens merged, and whether
         more are left to read: at most ``LOG_PAGE`` are read at once. A log
         that is gone gives a ``done`` event with ``log_lost``. Raises
         ``BrokerUnavailable``."""
+        job_id = topic.job_id
         if finished and self.history is not None:
             finished_log = await self.history.get(job_id)
             if finished_log is not None:
                 return finished_log.after(sent), False  # the rest of the job, merged, shared
-        events = await self.log.read(job_id, sent, LOG_PAGE)
-        more = len(events) == LOG_PAGE
-        if not events and not await self.job_exists(job_id):
+        page = await topic.catch_up_read(sent, self._read_page)
+        if page.gone:
             metrics.LOGS_LOST.inc()
             logger.error("job %s: its log is gone (broker data lost); ending with log_lost", job_id)
             # Every event but the first (start) and the last (done) is a token.
             lost = done_data(FAILED, None, max(sent - 1, 0), LOG_LOST)
             return [Event(sent + 1, DONE, lost)], False
+        return page.events, page.more
+
+    async def _read_page(self, job_id: str, sent: int) -> LogPage:
+        events = await self.log.read(job_id, sent, LOG_PAGE)
+        gone = not events and not await self.job_exists(job_id)
         run, _gap = next_run(events, sent)
-        return coalesce(run), more
+        end = run[-1].id if run else sent
+        return LogPage(coalesce(run), len(events) == LOG_PAGE, gone, end)
 
 
 class FeedSession:
@@ -185,7 +195,7 @@ class FeedSession:
             if viewer.lagging:  # replay (a new viewer starts here), then live
                 viewer.start_catch_up()
                 try:
-                    events, more = await feed.read_log(viewer.job_id, self.sent, self.finished)
+                    events, more = await feed.read_log(viewer.topic, self.sent, self.finished)
                     self.outage_since = None
                     if more:
                         viewer.mark_lagging()
