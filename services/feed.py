@@ -28,6 +28,7 @@ from services.eventlog import EventLog
 from services.events import DONE, FAILED, Event, done_data
 from services.history import FinishedLogs
 from services.hub import Hub
+from services.jobs import StreamPosition
 from services.resume import coalesce, next_run
 from services.topic import LogPage, Topic, Viewer
 
@@ -86,6 +87,7 @@ class Feed:
         *,
         keepalive_s: float,
         grace_s: float,
+        retention_s: float,
         stopping: Callable[[], bool] = lambda: False,
         history: FinishedLogs | None = None,
     ):
@@ -95,7 +97,35 @@ class Feed:
         self.job_exists = job_exists
         self.keepalive_s = keepalive_s
         self.grace_s = grace_s
+        self.retention_s = retention_s
         self.stopping = stopping
+
+    def known_position(self, job_id: str, after: int) -> StreamPosition | None:
+        """Where the job's log ends, as far as this node's live subscription
+        to it tells, for a stream to open after id ``after``; ``None`` when
+        it cannot tell for sure (then ask ``JobStore.position``).
+
+        Exact enough to decide what ``JobStore.position`` decides (404, 400
+        past the end, 204 at the end, finished or not) and no more: the job
+        exists, ``after`` is not past the log's end, and it is finished only
+        when its ``done`` was seen. ``last_event_id`` of a running job may be
+        below the log's end (events on their way); of a finished one it is
+        exact.
+        """
+        topic = self.hub.topic(job_id)
+        if topic is None or not topic.ready.is_set():
+            return None
+        # Nothing seen under this subscription yet (not even that the job
+        # exists), or ``after`` may be past the end: only Redis can tell.
+        if not topic.known_id or after > topic.known_id:
+            return None
+        if topic.done_at is None:
+            return StreamPosition(topic.known_id, False)
+        # The job's keys expire ``retention_s`` after its ``done`` was
+        # appended; half of it leaves the done's way here a wide margin.
+        if time.monotonic() - topic.done_at < self.retention_s / 2:
+            return StreamPosition(topic.known_id, True)
+        return None
 
     async def open(
         self, job_id: str, after: int, finished: bool = False, ahead: bool = False

@@ -3,9 +3,9 @@
 A ``Topic`` is created by the hub for each job with viewers on this node; a
 ``Viewer`` is one open stream's place in it. Each owns its own state: the
 topic its buffer, its viewers, whether its subscription is live (the hub's
-shard tells it) and the catch-up reads its viewers share; the viewer
-whether it must read the log first and when its keepalive is due (its feed
-tells it).
+shard tells it), the catch-up reads its viewers share and what they showed
+of the log's end; the viewer whether it must read the log first and when its
+keepalive is due (its feed tells it).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple
 
-from services.events import Event
+from services.events import DONE, Event
 
 # Live events a job keeps for its viewers: a viewer further behind catches
 # up from the log (also at most TOKENCAST_VIEWER_BUFFER events).
@@ -144,9 +144,11 @@ class Topic:
     __slots__ = (
         "_reads",
         "channel",
+        "done_at",
         "epoch",
         "events",
         "job_id",
+        "known_id",
         "limit",
         "ready",
         "shard_name",
@@ -167,6 +169,11 @@ class Topic:
         # another subscription (another broker, after a failover) is not used.
         self.epoch = 0
         self._reads: dict[int, SharedRead] = {}  # by the id they read after; this epoch's only
+        # What this epoch showed of the log's end: the newest id seen (live,
+        # or read after the subscription went live), and when a live ``done``
+        # arrived (``time.monotonic()``).
+        self.known_id = 0
+        self.done_at: float | None = None
 
     def add_viewer(self) -> Viewer:
         viewer = Viewer(self)
@@ -191,6 +198,8 @@ class Topic:
     def _new_epoch(self) -> None:
         self.epoch += 1
         self._reads.clear()
+        self.known_id = 0
+        self.done_at = None
 
     def resync_viewers(self) -> None:
         for viewer in self.viewers:
@@ -207,6 +216,9 @@ class Topic:
                 return False  # a repeat: the buffer has it
             events.clear()  # pub/sub skipped ids: viewers before the gap re-read the log
         events.append(event)
+        self.known_id = max(self.known_id, event.id)
+        if event.name == DONE:
+            self.done_at = time.monotonic()
         # Events older than KEEP_LIVE_MS, or past the limit, are only for
         # viewers that far behind, who catch up from the log instead.
         oldest = event.appended_ms - KEEP_LIVE_MS
@@ -294,3 +306,8 @@ class Topic:
                 del self._reads[after]  # the next viewer tries again
             return
         shared.finished_at = time.monotonic()
+        page = task.result()
+        # A read ending with ``done`` tells the log's end, not how long ago it
+        # came (the job's retention runs from then): only a live one counts.
+        if page.events and page.events[-1].name != DONE:
+            self.known_id = max(self.known_id, page.events[-1].id)

@@ -88,6 +88,7 @@ class Harness:
     def feed(self, **kw) -> Feed:
         kw.setdefault("keepalive_s", 15)
         kw.setdefault("grace_s", 30)
+        kw.setdefault("retention_s", 60)
         return Feed(self.hub, kw.pop("log", self.log), self.store.exists, **kw)
 
     async def watch(

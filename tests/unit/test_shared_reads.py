@@ -14,6 +14,7 @@ from services.eventlog import EventLog, JobWriter
 from services.events import COMPLETED, Event
 from services.feed import END, Batch, Feed, FeedSession
 from services.hub import Hub
+from services.jobs import StreamPosition
 from services.keys import Keys
 from services.redisconn import EmbeddedBroker
 from services.topic import LogPage, Topic
@@ -69,6 +70,7 @@ class Node:
             self.core.store.exists,
             keepalive_s=15,
             grace_s=30,
+            retention_s=60,
         )
 
     async def open(self, after: int = 0) -> FeedSession:
@@ -273,3 +275,33 @@ async def test_a_viewer_leaving_mid_read_does_not_cancel_it_for_the_others():
     page = await asyncio.wait_for(staying, 5)
     assert calls == [0] and page.end == 1
     assert leaving.cancelled()
+
+
+async def test_a_topic_learns_the_log_end_from_this_subscription_only():
+    topic = Topic(JOB, "channel", "main", limit=16)
+    topic.subscribed()
+    topic.add_event(Event(7, "token", '{"text":"x"}', 1000))
+    assert (topic.known_id, topic.done_at) == (7, None)
+    topic.add_event(Event(8, "done", "{}", 1001))
+    assert topic.known_id == 8 and topic.done_at is not None
+    topic.unsubscribed()  # another broker may be next: start over
+    assert (topic.known_id, topic.done_at) == (0, None)
+
+
+async def test_the_feed_knows_a_running_jobs_position_only_as_far_as_it_saw(node):
+    writer = await started_job(node, tokens=2)  # ids 1-3, before any viewer came
+    session = await node.open()
+    assert node.feed.known_position(JOB, 0) is None  # seen nothing yet
+    await batch(session)  # read after the subscription went live: ids 1-3
+    assert node.feed.known_position(JOB, 3) == StreamPosition(3, False)
+    assert node.feed.known_position(JOB, 4) is None  # past what it saw: Redis decides
+    await write_tokens(writer, [" live"])
+    await eventually(lambda: node.feed.known_position(JOB, 4) == StreamPosition(4, False), 5)
+    node.resubscribe()
+    assert node.feed.known_position(JOB, 0) is None
+    await writer.finish(COMPLETED, "stop", finished_at="2026-01-01T00:00:01.000Z")
+    await eventually(lambda: node.feed.known_position(JOB, 5) == StreamPosition(5, True), 5)
+    node.feed.retention_s = 0  # a done seen longer ago than retention allows: the job may be gone
+    assert node.feed.known_position(JOB, 5) is None
+    session.close()
+    assert node.feed.known_position(JOB, 5) is None  # no viewer left: no topic
