@@ -8,6 +8,8 @@ The order is the invariant (DESIGN.md, 2), and this module is where it is kept:
 2. Replay: a new ``Viewer`` starts lagging, so the first step of
    ``FeedSession.next`` reads the log after the viewer's Last-Event-ID (a page
    at a time, merged). An event published during that read is in the buffer.
+   Viewers of one job resuming from one id share a read (``Topic.catch_up_read``
+   says when that is sound).
 3. Live: then each step takes the buffered events after the last id sent, so
    ids already sent are dropped. A gap (the viewer fell behind the buffer,
    or pub/sub skipped ids) or a resubscribe sends it back to 2.
@@ -26,8 +28,9 @@ from services.eventlog import EventLog
 from services.events import DONE, FAILED, Event, done_data
 from services.history import FinishedLogs
 from services.hub import Hub
+from services.jobs import StreamPosition
 from services.resume import coalesce, next_run
-from services.topic import Viewer
+from services.topic import LogPage, Topic, Viewer
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,9 @@ LOG_LOST = {
 class Batch:
     """Events to send, in id order, following id ``after`` (tokens read from
     the log come merged). Not frozen: one is built per batch sent, and a
-    frozen dataclass costs twice as much to build."""
+    frozen dataclass costs twice as much to build. ``events`` may be shared
+    with the job's other viewers (a shared read, a finished log): never
+    change the list or its events."""
 
     events: list[Event]
     after: int
@@ -82,6 +87,7 @@ class Feed:
         *,
         keepalive_s: float,
         grace_s: float,
+        retention_s: float,
         stopping: Callable[[], bool] = lambda: False,
         history: FinishedLogs | None = None,
     ):
@@ -91,7 +97,35 @@ class Feed:
         self.job_exists = job_exists
         self.keepalive_s = keepalive_s
         self.grace_s = grace_s
+        self.retention_s = retention_s
         self.stopping = stopping
+
+    def known_position(self, job_id: str, after: int) -> StreamPosition | None:
+        """Where the job's log ends, as far as this node's live subscription
+        to it tells, for a stream to open after id ``after``; ``None`` when
+        it cannot tell for sure (then ask ``JobStore.position``).
+
+        Exact enough to decide what ``JobStore.position`` decides (404, 400
+        past the end, 204 at the end, finished or not) and no more: the job
+        exists, ``after`` is not past the log's end, and it is finished only
+        when its ``done`` was seen. ``last_event_id`` of a running job may be
+        below the log's end (events on their way); of a finished one it is
+        exact.
+        """
+        topic = self.hub.topic(job_id)
+        if topic is None or not topic.ready.is_set():
+            return None
+        # Nothing seen under this subscription yet (not even that the job
+        # exists), or ``after`` may be past the end: only Redis can tell.
+        if not topic.known_id or after > topic.known_id:
+            return None
+        if topic.done_at is None:
+            return StreamPosition(topic.known_id, False)
+        # The job's keys expire ``retention_s`` after its ``done`` was
+        # appended; half of it leaves the done's way here a wide margin.
+        if time.monotonic() - topic.done_at < self.retention_s / 2:
+            return StreamPosition(topic.known_id, True)
+        return None
 
     async def open(
         self, job_id: str, after: int, finished: bool = False, ahead: bool = False
@@ -122,27 +156,33 @@ class Feed:
             return False
 
     async def read_log(
-        self, job_id: str, sent: int, finished: bool = False
+        self, topic: Topic, sent: int, finished: bool = False
     ) -> tuple[list[Event], bool]:
         """The job's events after id ``sent``, read from the log (or the
         finished-log cache when ``finished``) with tokens merged, and whether
         more are left to read: at most ``LOG_PAGE`` are read at once. A log
         that is gone gives a ``done`` event with ``log_lost``. Raises
         ``BrokerUnavailable``."""
+        job_id = topic.job_id
         if finished and self.history is not None:
             finished_log = await self.history.get(job_id)
             if finished_log is not None:
                 return finished_log.after(sent), False  # the rest of the job, merged, shared
-        events = await self.log.read(job_id, sent, LOG_PAGE)
-        more = len(events) == LOG_PAGE
-        if not events and not await self.job_exists(job_id):
+        page = await topic.catch_up_read(sent, self._read_page)
+        if page.gone:
             metrics.LOGS_LOST.inc()
             logger.error("job %s: its log is gone (broker data lost); ending with log_lost", job_id)
             # Every event but the first (start) and the last (done) is a token.
             lost = done_data(FAILED, None, max(sent - 1, 0), LOG_LOST)
             return [Event(sent + 1, DONE, lost)], False
+        return page.events, page.more
+
+    async def _read_page(self, job_id: str, sent: int) -> LogPage:
+        events = await self.log.read(job_id, sent, LOG_PAGE)
+        gone = not events and not await self.job_exists(job_id)
         run, _gap = next_run(events, sent)
-        return coalesce(run), more
+        end = run[-1].id if run else sent
+        return LogPage(coalesce(run), len(events) == LOG_PAGE, gone, end)
 
 
 class FeedSession:
@@ -185,7 +225,7 @@ class FeedSession:
             if viewer.lagging:  # replay (a new viewer starts here), then live
                 viewer.start_catch_up()
                 try:
-                    events, more = await feed.read_log(viewer.job_id, self.sent, self.finished)
+                    events, more = await feed.read_log(viewer.topic, self.sent, self.finished)
                     self.outage_since = None
                     if more:
                         viewer.mark_lagging()

@@ -278,6 +278,10 @@ class Hub:
     def viewer_total(self) -> int:
         return sum(len(topic.viewers) for topic in self._topics.values())
 
+    def topic(self, job_id: str) -> Topic | None:
+        """The job's topic, while it has viewers on this node."""
+        return self._topics.get(job_id)
+
     def local_viewers(self, job_id: str) -> int:
         topic = self._topics.get(job_id)
         return len(topic.viewers) if topic else 0

@@ -53,6 +53,7 @@ class Context:
             self.store.exists,
             keepalive_s=self.settings.keepalive_s,
             grace_s=self.settings.broker_grace_s,
+            retention_s=self.settings.retention_s,
             stopping=lambda: self.draining,
             history=self.history,
         )

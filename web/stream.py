@@ -109,7 +109,7 @@ async def plan_stream(context: Context, ask: StreamAsk) -> StreamPlan | Refusal 
     refusal = stream_refusal(context, ask.address)
     if refusal is not None:
         return refusal
-    position = await context.store.position(job_id)
+    position = context.feed.known_position(job_id, after) or await context.store.position(job_id)
     # Right after a failover the log may end before what viewers saw, until
     # its writer restores it: such a viewer waits (``Feed.open``) instead.
     ahead = after > position.last_event_id

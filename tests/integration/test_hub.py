@@ -18,6 +18,7 @@ from services.hub import Hub
 from services.jobs import now_iso
 from services.keys import Keys
 from services.redisconn import RedisBroker, connect
+from services.topic import SHARED_READ_S
 from tests.support import core_for_test, token_items
 
 pytestmark = pytest.mark.timeout(60)
@@ -87,6 +88,7 @@ class Harness:
     def feed(self, **kw) -> Feed:
         kw.setdefault("keepalive_s", 15)
         kw.setdefault("grace_s", 30)
+        kw.setdefault("retention_s", 60)
         return Feed(self.hub, kw.pop("log", self.log), self.store.exists, **kw)
 
     async def watch(
@@ -278,6 +280,9 @@ async def test_many_viewers_late_joiner_and_resume_from_every_position(redis_url
         await eventually(lambda: h.hub.local_viewers("fan-job") == 20)
         await writer.start("demo", now_iso())
         await write_tokens(writer, tokens[:30])
+        # Past the early viewers' shared read (of an empty log): the late
+        # joiner reads the log itself (within it, it would take the buffer).
+        await asyncio.sleep(SHARED_READ_S * 1.5)
         late_got: list[Batch] = []
         late = asyncio.create_task(h.watch("fan-job", batches=late_got))  # joins mid-job
         await eventually(lambda: late_got)
