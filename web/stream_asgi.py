@@ -7,10 +7,10 @@ and a wrapper per chunk sent. Measured with 5,000 streams opened 256 at a
 time on one process: a bare ASGI stream costs Hypercorn 576 us of CPU and
 18 KB per stream, a minimal Quart streaming route 980 us and 30 KB.
 
-So this middleware serves the route itself when the answer is a stream,
-with the same decision (``web.stream.plan_stream``) and the same bytes
-(``web.stream.planned_stream``) as the Quart route. Every other answer (an
-error, a ``204``, a cross-origin request that needs CORS headers) is left
+So this middleware serves the route itself when the answer is a stream
+(or a ``204``), with the same decision (``web.stream.plan_stream``) and the
+same bytes (``web.stream.planned_stream``) as the Quart route. Every other
+answer (an error, a cross-origin request that needs CORS headers) is left
 to the Quart route, which decides again and answers as it always has: one
 place renders errors, and only a refused request pays for deciding twice.
 """
@@ -26,7 +26,7 @@ from services.logs import ASGIApp
 from web.context import Context
 from web.limits import address_of
 from web.sse import HEADERS
-from web.stream import StreamAsk, StreamPlan, plan_stream, planned_stream
+from web.stream import NoContent, StreamAsk, StreamPlan, plan_stream, planned_stream
 
 EVENTS_PATH = re.compile(r"/v1/jobs/([^/]+)/events")
 RESPONSE_HEADERS = [(k.lower().encode(), v.encode()) for k, v in HEADERS.items()]
@@ -52,10 +52,14 @@ class EventStreams:
                 plan = await plan_stream(self.context, ask)
             except Exception:
                 plan = None  # the Quart route raises it again, and answers it
-        if not isinstance(plan, StreamPlan):
+        if isinstance(plan, NoContent):
+            # Every EventSource of a job reconnects once it has ended: a storm too.
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+        elif isinstance(plan, StreamPlan):
+            await self._stream(plan, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
-        await self._stream(plan, receive, send)
 
     def _ask(self, scope: Any, job_id: str) -> StreamAsk | None:
         """The request's ask, or ``None`` when it needs the Quart route (CORS)."""

@@ -83,5 +83,8 @@ def test_the_end_of_a_finished_job_is_204_on_both(cors_node):
     job_id = create_job(url, prompt="end", max_tokens=3, demo={"tokens_per_second": 0})
     state = wait_finished(url, job_id)
     last = {"Last-Event-ID": str(state["last_event_id"])}
-    assert fetch(f"{url}/v1/jobs/{job_id}/events", **last).status_code == 204
-    assert fetch(f"{url}/v1/jobs/{job_id}/events", PAGE, **last).status_code == 204
+    front = fetch(f"{url}/v1/jobs/{job_id}/events", **last)
+    quart = fetch(f"{url}/v1/jobs/{job_id}/events", PAGE, **last)
+    assert front.status_code == quart.status_code == 204
+    assert front.content == quart.content == b""
+    assert front.headers["x-request-id"]
