@@ -218,6 +218,7 @@ class Hub:
         self.viewer_buffer = viewer_buffer
         self._counts = counts
         self._topics: dict[str, Topic] = {}
+        self._viewer_total = 0
         self._shards: dict[str, _Shard] = {}
         self._dirty: set[str] = set()
         self._tasks: list[asyncio.Task] = []
@@ -276,7 +277,9 @@ class Hub:
 
     @property
     def viewer_total(self) -> int:
-        return sum(len(topic.viewers) for topic in self._topics.values())
+        """Streams attached on this node (counted as they come and go: every
+        new stream asks, and summing over thousands of jobs would not be free)."""
+        return self._viewer_total
 
     def topic(self, job_id: str) -> Topic | None:
         """The job's topic, while it has viewers on this node."""
@@ -301,8 +304,11 @@ class Hub:
             topic = self._topics[job_id] = Topic(job_id, channel, shard.name, self.viewer_buffer)
             shard.add(topic)
         viewer = topic.add_viewer()
+        self._viewer_total += 1
         self.idle.clear()
         self._dirty.add(job_id)
+        if topic.ready.is_set():
+            return viewer  # the usual case in a storm: no timer to arm
         try:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
                 await topic.ready.wait()
@@ -316,8 +322,9 @@ class Hub:
 
     def detach(self, viewer: Viewer) -> None:
         topic = self._topics.get(viewer.job_id)
-        if topic is None:
+        if topic is None or viewer not in topic.viewers:
             return
+        self._viewer_total -= 1
         self._dirty.add(viewer.job_id)
         if topic.remove_viewer(viewer):
             del self._topics[viewer.job_id]

@@ -249,7 +249,10 @@ async def test_one_subscription_per_job_however_many_viewers(redis_url, keys):
         other = await h.hub.attach("other-job")
         assert dict(await h.redis.pubsub_numsub(channel))[channel] == 1
         assert (h.hub.viewer_total, h.hub.local_viewers("shared-job")) == (11, 10)
-        for viewer in viewers:
+        h.hub.detach(viewers[0])
+        h.hub.detach(viewers[0])  # a second detach of one stream changes nothing
+        assert (h.hub.viewer_total, h.hub.local_viewers("shared-job")) == (10, 9)
+        for viewer in viewers[1:]:
             h.hub.detach(viewer)
         h.hub.detach(other)
         assert h.hub.viewer_total == 0
