@@ -27,7 +27,7 @@ from services.eventlog import JobWriter, LogAppender
 from services.events import COMPLETED
 from services.jobs import new_job_id, now_iso
 from services.keys import Keys
-from services.redisconn import connect
+from services.redisconn import Redis, connect
 from services.runtime import tune_gc
 from tests.support import token_items
 from worker.generate import pump
@@ -90,22 +90,7 @@ class Publisher:
         """Create the jobs, each with its ``start`` event (and, for ``history``,
         all its tokens and its ``done``)."""
         for _ in range(spec.jobs):
-            job_id = new_job_id()
-            await self.redis.hset(
-                self.keys.job(job_id),
-                mapping={
-                    "status": "running",
-                    "owner": OWNER,
-                    "model": "demo",
-                    "created_at": now_iso(),
-                    "spec": '{"prompt": "bench", "model": "demo"}',
-                    "last_event_id": 0,
-                    "tokens": 0,
-                },
-            )
-            writer = JobWriter(self.appender, self.keys, job_id, OWNER, retention_s=RETENTION_S)
-            await writer.start("demo", now_iso())
-            self.writers.append(writer)
+            self.writers.append(await start_job(self.redis, self.appender, self.keys, new_job_id()))
         if spec.mode in ("history", "running"):
             for writer in self.writers:
                 await pump(unpaced(spec.tokens), writer, "the bench")
@@ -174,6 +159,26 @@ class Publisher:
             if min(self.progress) >= history:
                 return
             yield text
+
+
+async def start_job(redis: Redis, appender: LogAppender, keys: Keys, job_id: str) -> JobWriter:
+    """A running job as a worker would leave it, owned by the publisher, and its
+    writer, the job's ``start`` event appended."""
+    await redis.hset(
+        keys.job(job_id),
+        mapping={
+            "status": "running",
+            "owner": OWNER,
+            "model": "demo",
+            "created_at": now_iso(),
+            "spec": '{"prompt": "bench", "model": "demo"}',
+            "last_event_id": 0,
+            "tokens": 0,
+        },
+    )
+    writer = JobWriter(appender, keys, job_id, OWNER, retention_s=RETENTION_S)
+    await writer.start("demo", now_iso())
+    return writer
 
 
 def stamp() -> str:
