@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.benchmarks.append_cost                 # 10,000 appends of 1 and of 8
     .venv/bin/python -m tests.benchmarks.append_cost --appends 5000 --jobs 50
+    .venv/bin/python -m tests.benchmarks.append_cost --rate 6000    # paced as bench S2: 200 x 30/s
 
 Starts a Redis of its own on a free port, creates ``--jobs`` running jobs as
 the bench's publisher does (``publisher.start_job``), and lets one
@@ -44,15 +45,26 @@ BATCH_SIZES = (1, 8)
 SETTLE_S = 0.3  # for the subscriber's deliveries to be flushed before reading INFO cpu
 
 
-async def append_batches(writers: list[JobWriter], appends: int, size: int) -> None:
-    """``appends`` batches of ``size`` tokens, spread over the writers, all writing at once."""
+async def append_batches(writers: list[JobWriter], appends: int, size: int, rate: float) -> None:
+    """``appends`` batches of ``size`` tokens, spread over the writers, all
+    writing at once: as fast as they go, or ``rate`` appends a second in all
+    (each job at its share, starts spread over one interval, as bench S2 paces them)."""
+    loop = asyncio.get_running_loop()
 
-    async def write(writer: JobWriter, count: int) -> None:
-        for _ in range(count):
+    async def write(writer: JobWriter, count: int, offset_s: float) -> None:
+        interval_s = len(writers) / rate if rate else 0.0
+        start = loop.time() + offset_s
+        for k in range(count):
+            delay = start + k * interval_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
             await writer.append(token_items([stamp() for _ in range(size)]))
 
     share, extra = divmod(appends, len(writers))
-    await asyncio.gather(*(write(w, share + (i < extra)) for i, w in enumerate(writers)))
+    offset_s = 1 / rate if rate else 0.0
+    await asyncio.gather(
+        *(write(w, share + (i < extra), i * offset_s) for i, w in enumerate(writers))
+    )
 
 
 async def redis_cost(redis: Redis) -> tuple[dict[str, dict[str, float]], float, float]:
@@ -84,7 +96,7 @@ async def check(redis: Redis, keys: Keys, writers: list[JobWriter]) -> None:
 
 
 async def measure(
-    url: str, keys: Keys, job_ids: list[str], appends: int, repeat: int
+    url: str, keys: Keys, job_ids: list[str], appends: int, repeat: int, rate: float
 ) -> list[list[dict[str, Any]]]:
     """Per round, a row of figures per batch size."""
     redis = connect(url)
@@ -98,7 +110,7 @@ async def measure(
                 await redis.config_resetstat()
                 *_, cpu_before = await redis_cost(redis)
                 started = time.monotonic()
-                await append_batches(writers, appends, size)
+                await append_batches(writers, appends, size, rate)
                 elapsed = time.monotonic() - started
                 await asyncio.sleep(SETTLE_S)
                 commands, median, cpu_after = await redis_cost(redis)
@@ -193,6 +205,9 @@ def main() -> int:
     parser.add_argument("--appends", type=int, default=10_000, help="appends per batch size")
     parser.add_argument("--jobs", type=int, default=200, help="jobs written at once")
     parser.add_argument("--repeat", type=int, default=5, help="rounds; the least figure is kept")
+    parser.add_argument(
+        "--rate", type=float, default=0.0, help="appends/s in all (0: as fast as they go)"
+    )
     args = parser.parse_args()
     keys = Keys(f"append-cost-{secrets.token_hex(3)}:")
     job_ids = [new_job_id() for _ in range(args.jobs)]
@@ -200,9 +215,12 @@ def main() -> int:
         RedisServer().start() as server,
         subscriber(server, [keys.channel(job_id) for job_id in job_ids]),
     ):
-        rounds = asyncio.run(measure(server.url, keys, job_ids, args.appends, args.repeat))
+        rounds = asyncio.run(
+            measure(server.url, keys, job_ids, args.appends, args.repeat, args.rate)
+        )
     print(
-        f"{args.appends} appends over {args.jobs} jobs per batch size, one subscriber,"
+        f"{args.appends} appends over {args.jobs} jobs per batch size"
+        f" ({f'{args.rate:.0f}/s' if args.rate else 'as fast as they go'}), one subscriber,"
         f" least of {args.repeat} rounds"
     )
     print_rows(least(rounds))
