@@ -149,3 +149,71 @@ async def test_a_custom_event_built_with_a_reserved_name_is_refused(redis, keys)
         with pytest.raises(InvalidItem, match=f"a custom event may not be named '{name}'"):
             await writer.append([CustomEvent(name, {})])
     assert (writer.tokens, writer.last_id) == (0, 1)
+
+
+async def job_state(redis, keys: Keys, job_id: str) -> dict:
+    """All an append writes of a job: its hash (less its creation time), texts,
+    tool calls, and its log after the start event (which names the job)."""
+    job = await redis.hgetall(keys.job(job_id))
+    job.pop("created_at")
+    return {
+        "hash": job,
+        "text": await redis.get(keys.text(job_id)),
+        "reasoning": await redis.get(keys.reasoning(job_id)),
+        "tool_calls": await redis.lrange(keys.tool_calls(job_id), 0, -1),
+        "log": [(e.id, e.name, e.data) for e in await EventLog(redis, keys).read(job_id, 1)],
+    }
+
+
+async def test_one_append_of_many_kinds_writes_what_one_append_per_item_does(redis, keys):
+    from services.events import COMPLETED, Event
+    from services.items import CustomEvent, Text, ToolCallFragment
+
+    items = [
+        Text("reasoning", "think "),
+        Text("token", "a"),
+        ToolCallFragment(0, '{"q":', "call_1", "search"),
+        Text("reasoning", "more"),
+        CustomEvent("progress", {"step": 1}),
+        ToolCallFragment(0, '"x"}'),
+        Text("token", "b"),
+        Text("token", "c"),
+    ]
+    appender = LogAppender(redis)
+    batched, single = await started_jobs(redis, keys, appender, 2)
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(keys.channel(batched.job_id), keys.channel(single.job_id))
+
+    result = await batched.append(items)
+    for item in items:
+        await single.append([item])
+    for writer in (batched, single):
+        await writer.finish(COMPLETED, "stop", finished_at="2026-11-25T10:00:01.000Z")
+
+    assert result.last_id == 9
+    expected = await job_state(redis, keys, single.job_id)
+    assert await job_state(redis, keys, batched.job_id) == expected
+    assert (expected["text"], expected["reasoning"]) == ("abc", "think more")
+    assert expected["hash"]["tokens"] == "3" and expected["hash"]["reasoning_tokens"] == "2"
+    assert expected["hash"]["last_event_id"] == "10"
+    assert len(expected["tool_calls"]) == 2
+    for key in keys.job_keys(batched.job_id):
+        if key != keys.channel(batched.job_id) and key != keys.viewers(batched.job_id):
+            assert 0 < await redis.pttl(key) <= 60_000
+    # Every event was published, in order, with its append time.
+    published: dict[str, list[tuple[int, str, str]]] = {}
+    async for message in pubsub.listen():
+        if message["type"] == "message":
+            event = Event.from_message(message["data"])
+            assert event.appended_ms > 0
+            published.setdefault(message["channel"], []).append((event.id, event.name, event.data))
+            if sum(map(len, published.values())) == 18:
+                break
+    await pubsub.aclose()
+    assert published[keys.channel(batched.job_id)] == expected["log"]
+    assert published[keys.channel(single.job_id)] == expected["log"]
+    # A retried finish that landed changes nothing and answers 'appended'.
+    batched.last_id = 9
+    again = await batched.finish(COMPLETED, "stop", finished_at="2026-11-25T10:00:01.000Z")
+    assert again.last_id == 10
+    assert await job_state(redis, keys, batched.job_id) == expected
