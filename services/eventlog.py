@@ -102,6 +102,15 @@ def _entry_to_event(entry_id: str | bytes, fields: dict) -> Event:
 # At most this many appends go in one pipeline, bounding a round trip's size.
 MAX_PIPELINE = 256
 
+# Round trips of appends start at least this long apart: the first after a
+# quiet spell goes at once, and under load each carries all that queued
+# meanwhile. Redis spends about as much on a round trip (reading, replying, a
+# write to each subscriber) as on a script: at bench S2's pace (6000 appends/s,
+# one event each) a gap of 0 / 1 / 2 / 5 ms cost Redis 41-44 / 30-33 / 24-26 /
+# 21-23 us per append (tests/benchmarks/append_cost.py --rate 6000), for at
+# most that much more per append.
+MIN_ROUND_TRIP_GAP_S = 0.002
+
 # An append waiting to be sent: the script's keys, its arguments, and where its reply goes.
 _Queued = tuple[list[str], list[str | int], asyncio.Future]
 
@@ -116,7 +125,8 @@ class LogAppender:
     hundreds of jobs each round trip carries many. redis-py's own CPU per
     command dominates a worker's; in make bench S2 (200 jobs at 30 tokens/s)
     sharing round trips took the writer from 49 % to 33 % of a core and the
-    viewers' p99 from 104 to 63 ms.
+    viewers' p99 from 104 to 63 ms. Round trips start at least
+    ``MIN_ROUND_TRIP_GAP_S`` apart, so that under load each carries more.
     On a Redis Cluster each append is its own call.
     """
 
@@ -130,6 +140,7 @@ class LogAppender:
         )
         self._queued: list[_Queued] = []
         self._sender: asyncio.Task | None = None
+        self._sent_at = float("-inf")  # when the last round trip started (loop time)
 
     async def append(self, keys: list[str], args: list[str | int]) -> AppendResult:
         """Append to the log of the job ``keys`` (``Keys.job_keys``) what
@@ -159,8 +170,13 @@ class LogAppender:
 
     async def _send_queued(self) -> None:
         batch: list[_Queued] = []
+        loop = asyncio.get_running_loop()
         try:
             while self._queued:
+                wait_s = self._sent_at + MIN_ROUND_TRIP_GAP_S - loop.time()
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                self._sent_at = loop.time()
                 batch, self._queued = self._queued[:MAX_PIPELINE], self._queued[MAX_PIPELINE:]
                 try:
                     replies = await self._pipeline(batch)

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from services import eventlog
 from services.errors import Fenced
 from services.eventlog import EventLog, JobWriter, LogAppender
 from services.keys import Keys
@@ -84,6 +85,23 @@ async def test_a_refusal_goes_only_to_its_own_writer(redis, keys):
     assert await redis.get(keys.text("job-0")) == "a"
     assert await redis.get(keys.text("job-1")) is None
     assert await redis.get(keys.text("job-2")) == "c"
+
+
+async def test_round_trips_start_apart_and_the_first_after_a_quiet_spell_goes_at_once(
+    redis, keys, monkeypatch
+):
+    monkeypatch.setattr(eventlog, "MIN_ROUND_TRIP_GAP_S", 0.5)
+    first, second = await started_jobs(redis, keys, LogAppender(redis), 2)
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(0.5)  # quiet
+
+    started = loop.time()
+    await first.append(token_items(["a"]))
+    assert loop.time() - started < 0.4
+    started = loop.time()
+    await second.append(token_items(["b"]))
+    assert loop.time() - started >= 0.3  # it waited for the gap
+    assert [first.last_id, second.last_id] == [2, 2]
 
 
 async def test_a_server_that_does_not_know_the_script_gets_it_loaded(own_redis, keys):
