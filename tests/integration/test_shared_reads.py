@@ -70,4 +70,6 @@ async def test_storms_of_streams_on_a_running_job_get_every_event_once(own_redis
     # 150 streams: without sharing, one XRANGE and one HMGET each.
     opened = len(streams)
     assert commands(info, "xrange") < opened / 3, info.get("cmdstat_xrange")
-    assert commands(info, "hmget") < opened, info.get("cmdstat_hmget")
+    # Redis counts a script's commands too: each append (an EVALSHA) runs one HMGET.
+    position_lookups = commands(info, "hmget") - commands(info, "evalsha")
+    assert position_lookups < opened, info.get("cmdstat_hmget")
