@@ -52,7 +52,7 @@ class StreamAsk:
 
 @dataclass(frozen=True, slots=True)
 class StreamPlan:
-    """A stream to open: ``event_stream``'s arguments."""
+    """A stream to open (``planned_stream`` gives its bytes)."""
 
     job_id: str
     after: int
