@@ -85,28 +85,27 @@ class EventStreams:
         body = planned_stream(self.context, plan)
         serving = asyncio.current_task()
         assert serving is not None
-        left = asyncio.Event()
         # Nothing is read from the client after its request; the one thing
         # that can come is its leaving, which must end the stream at once.
-        watch = asyncio.create_task(_cancel_on_disconnect(receive, serving, left))
+        watch = asyncio.create_task(_cancel_on_disconnect(receive, serving))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": RESPONSE_HEADERS})
             async for chunk in body:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not left.is_set():
-                raise  # the server is stopping
+            if not watch.done():
+                raise  # not the client leaving: the server is stopping
             serving.uncancel()
         finally:
             watch.cancel()
             await body.aclose()
 
 
-async def _cancel_on_disconnect(receive: Any, serving: asyncio.Task, left: asyncio.Event) -> None:
+async def _cancel_on_disconnect(receive: Any, serving: asyncio.Task) -> None:
+    """Cancel ``serving`` when the client leaves (this task is then done)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    left.set()
     serving.cancel()
 
 
